@@ -1,0 +1,406 @@
+"""Runway-aware rewired attention as pure functions over arrays.
+
+The mathematics is ``METHOD.md`` (cited below as "METHOD eq. (n)"). Shape letters, used in every
+einsum string of this package:
+
+  B batch, T (= i or j) sequence, H query heads, K key/value heads (H_kv), G = H // K query heads
+  per key/value head, d head width.
+
+Public functions:
+
+* :func:`rewired_attention` -- eq. (3): causal attention of the rewired heads with logits
+  ``s_ij - beta * rho_ij``.
+* :func:`runway_coefficients` -- eq. (2): the runway coefficients ``rho`` as a ``[B, T, T]`` array.
+* :func:`causal_attention` -- standard causal attention from the same code (the baseline).
+
+``implementation`` picks how the same numbers are computed:
+
+* ``"reference"``: a direct, readable evaluation with ``T x T`` arrays (eq. (2) as a product of two
+  triangular matrices). Use it to check anything else.
+* ``"xla"``: the memory-lean eq. (3b) evaluation in :mod:`runway_jax.blockwise`, chunked over query
+  blocks and key blocks; it never builds a ``T x T x T`` or ``T x T x d`` array, and its backward
+  pass recomputes each chunk instead of storing it.
+* ``"pallas_gpu"`` / ``"pallas_tpu"``: fused kernels (not yet available).
+* ``None``: the best implementation available for the default backend.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from runway_jax import blockwise
+from runway_jax.masking import alibi_bias, attention_mask, masked_softmax
+
+RUNWAY_COEFFICIENTS = ("bilinear", "dot")
+RUNWAY_SPANS = ("exact", "prefix")
+IMPLEMENTATIONS = ("reference", "xla", "pallas_gpu", "pallas_tpu")
+
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def rewired_attention(
+    query,
+    key,
+    value,
+    runway_query,
+    runway_key,
+    *,
+    beta=1.0,
+    runway_coefficient="bilinear",
+    runway_span="exact",
+    segment_ids=None,
+    scale=None,
+    implementation=None,
+    interpret=False,
+    alibi_slopes=None,
+    runway_alibi_slope=None,
+):
+    """Runway-aware rewired causal attention, METHOD eqs. (1)-(3).
+
+    Args:
+      query: ``[B, T, H, d]`` queries of the rewired heads (every head except the runway head).
+      key, value: ``[B, T, H_kv, d]``, ``H_kv`` dividing ``H`` (grouped-query attention).
+      runway_query, runway_key: ``[B, T, d]``, the runway head's query and key (METHOD eq. (1)).
+      beta: rewiring strength ``>= 0`` (eq. (3)); ``0`` gives standard causal attention.
+      runway_coefficient: kernel g of eq. (2), ``"bilinear"`` or ``"dot"``.
+      runway_span: ``"exact"`` (eq. (2)) or ``"prefix"``.
+      segment_ids: optional int ``[B, T]``; attention and runways stay inside a segment (eq. (5)).
+      scale: logit scale, default ``1 / sqrt(d)``; it scales both the logits and g.
+      implementation: ``"reference"``, ``"xla"``, ``"pallas_gpu"``, ``"pallas_tpu"`` or ``None``.
+      interpret: run Pallas kernels in interpret mode (for CPU tests).
+      alibi_slopes: optional ``[H]`` ALiBi slopes ``m_h``: adds ``-m_h * (i - j)`` to head h's
+        logits. Not part of METHOD; it lets ALiBi models use rewiring.
+      runway_alibi_slope: optional ALiBi slope of the runway head's own attention A. The kernel g
+        stays the bilinear (or dot) form of eq. (2) without position bias.
+
+    Returns:
+      ``[B, T, H, d]`` in the dtype of ``query``.
+    """
+    name = "rewired_attention"
+    _check_qkv(name, query, key, value)
+    _check_runway(name, query, runway_query, runway_key)
+    beta = _check_beta(name, beta)
+    _check_choice(name, "runway_coefficient", runway_coefficient, RUNWAY_COEFFICIENTS)
+    _check_choice(name, "runway_span", runway_span, RUNWAY_SPANS)
+    _check_segment_ids(name, segment_ids, query.shape[:2])
+    scale = _check_scale(name, scale, query.shape[-1])
+    _check_alibi(name, alibi_slopes, runway_alibi_slope, query.shape[2])
+    implementation = _resolve_implementation(name, implementation)
+    options = dict(
+        beta=beta,
+        runway_coefficient=runway_coefficient,
+        runway_span=runway_span,
+        segment_ids=segment_ids,
+        scale=scale,
+        alibi_slopes=alibi_slopes,
+        runway_alibi_slope=runway_alibi_slope,
+    )
+    if implementation == "reference":
+        return _reference_rewired_attention(query, key, value, runway_query, runway_key, **options)
+    return blockwise.rewired_attention(query, key, value, runway_query, runway_key, **options)
+
+
+def runway_coefficients(
+    runway_query,
+    runway_key,
+    *,
+    runway_coefficient="bilinear",
+    runway_span="exact",
+    segment_ids=None,
+    scale=None,
+    runway_alibi_slope=None,
+):
+    """Runway coefficients ``rho`` of METHOD eq. (2), as float32 ``[B, T, T]``.
+
+    ``rho[b, i, j]`` is the runway head's attention-weighted score along the runway of the edge
+    ``j -> i``. Entries without a runway are zero: ``j >= i`` in the exact span (and ``j > i`` in
+    the prefix span), and pairs in different segments. Computed by the eq. (3b) evaluation, so the
+    cost is ``O(T^2 (d + block))`` rather than ``O(T^3)``; the result itself is ``T x T``.
+    """
+    name = "runway_coefficients"
+    _check_runway(name, None, runway_query, runway_key)
+    _check_choice(name, "runway_coefficient", runway_coefficient, RUNWAY_COEFFICIENTS)
+    _check_choice(name, "runway_span", runway_span, RUNWAY_SPANS)
+    _check_segment_ids(name, segment_ids, runway_query.shape[:2])
+    scale = _check_scale(name, scale, runway_query.shape[-1])
+    _check_alibi(name, None, runway_alibi_slope, 1)
+    return blockwise.runway_coefficients(
+        runway_query,
+        runway_key,
+        runway_coefficient=runway_coefficient,
+        runway_span=runway_span,
+        segment_ids=segment_ids,
+        scale=scale,
+        runway_alibi_slope=runway_alibi_slope,
+    )
+
+
+def causal_attention(
+    query,
+    key,
+    value,
+    *,
+    segment_ids=None,
+    scale=None,
+    implementation=None,
+    alibi_slopes=None,
+):
+    """Standard causal (grouped-query) attention from the same code: the baseline.
+
+    Shapes as in :func:`rewired_attention`; returns ``[B, T, H, d]`` in the dtype of ``query``.
+    """
+    name = "causal_attention"
+    _check_qkv(name, query, key, value)
+    _check_segment_ids(name, segment_ids, query.shape[:2])
+    scale = _check_scale(name, scale, query.shape[-1])
+    _check_alibi(name, alibi_slopes, None, query.shape[2])
+    implementation = _resolve_implementation(name, implementation)
+    if implementation == "reference":
+        return _reference_causal_attention(
+            query, key, value, segment_ids=segment_ids, scale=scale, alibi_slopes=alibi_slopes
+        )
+    return blockwise.causal_attention(
+        query, key, value, segment_ids=segment_ids, scale=scale, alibi_slopes=alibi_slopes
+    )
+
+
+def default_implementation(backend: Optional[str] = None) -> str:
+    """The implementation ``implementation=None`` picks on ``backend`` (default: JAX's)."""
+    del backend  # Every backend uses "xla" until the Pallas kernels land.
+    return "xla"
+
+
+# --------------------------------------------------------------------------------------------
+# Reference implementation: direct, readable, T x T arrays.
+# --------------------------------------------------------------------------------------------
+
+
+def _reference_runway_coefficients(
+    runway_query, runway_key, *, runway_coefficient, runway_span, mask, scale, runway_alibi_slope
+):
+    """METHOD eq. (2) as a product of two triangular ``T x T`` matrices.
+
+    ``rho_ij = sum_k A_ik [k < i] * g(k, j) [k > j]`` (exact) or ``sum_k A_ik [k < i] g(k, j)``
+    (prefix): the runway ``j < k < i`` is the intersection of the two triangles.
+    """
+    length = runway_query.shape[1]
+    runway_query = runway_query.astype(jnp.float32)
+    runway_key = runway_key.astype(jnp.float32)
+    logits = scale * jnp.einsum("bid,bjd->bij", runway_query, runway_key)
+    if runway_alibi_slope is not None:
+        positions = jnp.arange(length)
+        logits = logits + alibi_bias(positions, positions, runway_alibi_slope)
+    runway_probs = masked_softmax(logits, mask)  # A of eq. (1): [B, T(i), T(k)]
+    coefficient_source = runway_query if runway_coefficient == "bilinear" else runway_key
+    kernel = scale * jnp.einsum("bkd,bjd->bkj", coefficient_source, runway_key)  # g(k, j)
+    row = jnp.arange(length)[:, None]
+    col = jnp.arange(length)[None, :]
+    strictly_before = col < row  # as [i, k]: k < i; as [k, j]: j < k
+    probs_on_runway = jnp.where(strictly_before, runway_probs, 0.0)
+    if runway_span == "exact":
+        rho = probs_on_runway @ jnp.where(strictly_before, kernel, 0.0)
+        valid = mask & strictly_before
+    else:
+        rho = probs_on_runway @ kernel
+        valid = mask
+    return jnp.where(valid, rho, 0.0)
+
+
+def _reference_rewired_attention(
+    query,
+    key,
+    value,
+    runway_query,
+    runway_key,
+    *,
+    beta,
+    runway_coefficient,
+    runway_span,
+    segment_ids,
+    scale,
+    alibi_slopes,
+    runway_alibi_slope,
+):
+    mask = attention_mask(query.shape[1], segment_ids)
+    rho = _reference_runway_coefficients(
+        runway_query,
+        runway_key,
+        runway_coefficient=runway_coefficient,
+        runway_span=runway_span,
+        mask=mask,
+        scale=scale,
+        runway_alibi_slope=runway_alibi_slope,
+    )
+    return _reference_attend(
+        query, key, value, mask=mask, scale=scale, alibi_slopes=alibi_slopes, bias=-beta * rho
+    )
+
+
+def _reference_causal_attention(query, key, value, *, segment_ids, scale, alibi_slopes):
+    mask = attention_mask(query.shape[1], segment_ids)
+    return _reference_attend(
+        query, key, value, mask=mask, scale=scale, alibi_slopes=alibi_slopes, bias=None
+    )
+
+
+def _reference_attend(query, key, value, *, mask, scale, alibi_slopes, bias):
+    """Causal softmax attention with an optional ``[B, T, T]`` logit bias shared by all heads."""
+    groups = query.shape[2] // key.shape[2]
+    key = jnp.repeat(key.astype(jnp.float32), groups, axis=2)  # query head h uses kv head h // G
+    value = jnp.repeat(value.astype(jnp.float32), groups, axis=2)
+    logits = scale * jnp.einsum("bihd,bjhd->bhij", query.astype(jnp.float32), key)
+    if bias is not None:
+        logits = logits + bias[:, None]
+    if alibi_slopes is not None:
+        positions = jnp.arange(query.shape[1])
+        logits = logits + alibi_bias(positions, positions, alibi_slopes)
+    probs = masked_softmax(logits, mask[:, None])
+    return jnp.einsum("bhij,bjhd->bihd", probs, value).astype(query.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks: one-line ValueErrors naming the argument, the value and what is allowed.
+# --------------------------------------------------------------------------------------------
+
+
+def _check_array(name, argument, array, rank, layout):
+    shape = getattr(array, "shape", None)
+    dtype = getattr(array, "dtype", None)
+    if shape is None or dtype is None:
+        raise ValueError(f"{name}: {argument} must be an array of shape {layout}, got {type(array).__name__}.")
+    if len(shape) != rank:
+        raise ValueError(f"{name}: {argument}.shape={tuple(shape)} must have rank {rank}, {layout}.")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"{name}: {argument}.dtype={dtype} must be floating (float32, bfloat16, float16)."
+        )
+
+
+def _check_qkv(name, query, key, value):
+    _check_array(name, "query", query, 4, "[B, T, H, d]")
+    _check_array(name, "key", key, 4, "[B, T, H_kv, d]")
+    _check_array(name, "value", value, 4, "[B, T, H_kv, d]")
+    batch, length, heads, width = query.shape
+    if key.shape != value.shape:
+        raise ValueError(f"{name}: key.shape={key.shape} and value.shape={value.shape} must be equal.")
+    if key.shape[:2] != (batch, length) or key.shape[3] != width:
+        raise ValueError(
+            f"{name}: key.shape={key.shape} must be [B, T, H_kv, d] = [{batch}, {length}, H_kv, "
+            f"{width}] to match query.shape={query.shape}."
+        )
+    if min(batch, length, heads, width) < 1 or key.shape[2] < 1 or heads % key.shape[2]:
+        raise ValueError(
+            f"{name}: H_kv={key.shape[2]} (key.shape[2]) must divide H={heads} (query.shape[2]), "
+            f"and no dimension may be 0; got query.shape={query.shape}."
+        )
+    for argument, array in (("key", key), ("value", value)):
+        if array.dtype != query.dtype:
+            raise ValueError(
+                f"{name}: {argument}.dtype={array.dtype} must equal query.dtype={query.dtype}."
+            )
+
+
+def _check_runway(name, query, runway_query, runway_key):
+    _check_array(name, "runway_query", runway_query, 3, "[B, T, d]")
+    _check_array(name, "runway_key", runway_key, 3, "[B, T, d]")
+    if runway_query.shape != runway_key.shape:
+        raise ValueError(
+            f"{name}: runway_query.shape={runway_query.shape} and runway_key.shape="
+            f"{runway_key.shape} must be equal."
+        )
+    if min(runway_query.shape) < 1:
+        raise ValueError(f"{name}: runway_query.shape={runway_query.shape} has a zero dimension.")
+    if runway_query.dtype != runway_key.dtype:
+        raise ValueError(
+            f"{name}: runway_key.dtype={runway_key.dtype} must equal "
+            f"runway_query.dtype={runway_query.dtype}."
+        )
+    if query is not None:
+        expected = (query.shape[0], query.shape[1], query.shape[3])
+        if runway_query.shape != expected:
+            raise ValueError(
+                f"{name}: runway_query.shape={runway_query.shape} must be [B, T, d] = "
+                f"{list(expected)} to match query.shape={query.shape}."
+            )
+        if runway_query.dtype != query.dtype:
+            raise ValueError(
+                f"{name}: runway_query.dtype={runway_query.dtype} must equal "
+                f"query.dtype={query.dtype}."
+            )
+
+
+def _check_beta(name, beta):
+    if isinstance(beta, jax.core.Tracer):
+        raise ValueError(
+            f"{name}: beta must be a concrete Python float (a fixed hyper-parameter), not a traced "
+            "value; close over it instead of passing it as a jit argument."
+        )
+    try:
+        value = float(beta)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: beta={beta!r} must be a real number >= 0.") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}: beta={beta!r} must be a finite real number >= 0.")
+    return value
+
+
+def _check_choice(name, argument, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name}: {argument}={value!r} is not one of {', '.join(map(repr, allowed))}.")
+
+
+def _check_segment_ids(name, segment_ids, batch_and_length):
+    if segment_ids is None:
+        return
+    shape = getattr(segment_ids, "shape", None)
+    if shape is None or tuple(shape) != tuple(batch_and_length):
+        raise ValueError(
+            f"{name}: segment_ids.shape={shape} must be [B, T] = {list(batch_and_length)}."
+        )
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise ValueError(f"{name}: segment_ids.dtype={segment_ids.dtype} must be an integer dtype.")
+
+
+def _check_scale(name, scale, width):
+    if scale is None:
+        return 1.0 / math.sqrt(width)
+    if isinstance(scale, jax.core.Tracer):
+        return scale
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: scale={scale!r} must be a positive real number or None.") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: scale={scale!r} must be a finite positive number or None.")
+    return value
+
+
+def _check_alibi(name, alibi_slopes, runway_alibi_slope, heads):
+    if alibi_slopes is not None and tuple(jnp.shape(alibi_slopes)) != (heads,):
+        raise ValueError(
+            f"{name}: alibi_slopes.shape={tuple(jnp.shape(alibi_slopes))} must be [H] = [{heads}]."
+        )
+    if runway_alibi_slope is not None and jnp.shape(runway_alibi_slope) != ():
+        raise ValueError(
+            f"{name}: runway_alibi_slope must be a scalar, got shape {jnp.shape(runway_alibi_slope)}."
+        )
+
+
+def _resolve_implementation(name, implementation):
+    if implementation is None:
+        return default_implementation()
+    _check_choice(name, "implementation", implementation, IMPLEMENTATIONS)
+    if implementation.startswith("pallas"):
+        raise NotImplementedError(
+            f"{name}: implementation={implementation!r} is not available yet (the Pallas kernels "
+            "are a later issue); use implementation='xla' or None."
+        )
+    return implementation

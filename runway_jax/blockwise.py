@@ -1,0 +1,229 @@
+"""The ``"xla"`` implementation: METHOD eq. (3b) evaluated in query blocks and key blocks.
+
+Each query block I (``Bq`` rows) sees all ``Tp`` (padded) keys at once, so the largest arrays are
+``[B, H, Bq, Tp]`` logits; nothing is ``T x T x T`` or ``T x T x d``. For the exact span the
+correction ``c_ij = <P_i(j), z_j>`` of eq. (3b) is split over key blocks J of size ``Bk``:
+
+  c_ij = <S_i(J), z_j> + (A_{i,J} @ triu(W_J Z_J^T))_ij,   S_i(J) = sum_{J' < J} A_{i,J'} W_{J'}
+
+where ``S`` is an exclusive prefix sum over key blocks (``[B, Bq, Tp/Bk, d]``) and ``triu`` keeps
+``k <= j``. The loop over query blocks is a ``lax.map`` of a rematerialized body, so the backward
+pass recomputes one block at a time instead of storing every block's ``Bq x Tp`` arrays: training
+memory stays ``O(Bq * Tp)`` per layer, like the forward pass.
+
+Shape letters: B batch, i query (``Bq``), j / k key (``Tp``, or ``Bk`` inside a key block J),
+K key/value heads, G query heads per key/value head, d head width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from runway_jax.masking import alibi_bias, masked_softmax, visibility_mask
+
+QUERY_BLOCK = 256
+KEY_BLOCK = 64
+
+
+def block_plan(length: int, query_block: int = QUERY_BLOCK, key_block: int = KEY_BLOCK):
+    """``(Bq, Bk, padded_length)``: ``Bk`` divides ``Bq`` and ``Bq`` divides ``padded_length``."""
+    if query_block % key_block:
+        raise ValueError(f"{query_block=} must be a multiple of {key_block=}.")
+    key_block = min(key_block, length)
+    query_block = _round_up(min(query_block, length), key_block)
+    return query_block, key_block, _round_up(length, query_block)
+
+
+def rewired_attention(
+    query,
+    key,
+    value,
+    runway_query,
+    runway_key,
+    *,
+    beta,
+    runway_coefficient,
+    runway_span,
+    segment_ids,
+    scale,
+    alibi_slopes,
+    runway_alibi_slope,
+    query_block=QUERY_BLOCK,
+    key_block=KEY_BLOCK,
+):
+    """METHOD eq. (3) with rho from eq. (3b); arguments as ``attention.rewired_attention``."""
+    layout = _Layout(query, key, segment_ids, query_block, key_block)
+    runway = _Runway(layout, runway_query, runway_key, runway_coefficient, runway_span, scale,
+                     runway_alibi_slope)
+    keys, values = layout.pad(key), layout.pad(value)
+
+    def block(inputs):
+        query_rows, runway_rows, segments, start = inputs
+        rho = runway.coefficients(runway_rows, segments, start)
+        return _attend(query_rows, keys, values, layout, segments, start, scale, alibi_slopes,
+                       bias=-beta * rho)
+
+    inputs = (layout.query_blocks(query), runway.query_blocks(), layout.segment_blocks(),
+              layout.starts)
+    return layout.merge(jax.lax.map(jax.checkpoint(block, prevent_cse=False), inputs))
+
+
+def causal_attention(query, key, value, *, segment_ids, scale, alibi_slopes,
+                     query_block=QUERY_BLOCK, key_block=KEY_BLOCK):
+    """Standard causal attention with the same blocking as :func:`rewired_attention`."""
+    layout = _Layout(query, key, segment_ids, query_block, key_block)
+    keys, values = layout.pad(key), layout.pad(value)
+
+    def block(inputs):
+        query_rows, segments, start = inputs
+        return _attend(query_rows, keys, values, layout, segments, start, scale, alibi_slopes,
+                       bias=None)
+
+    inputs = (layout.query_blocks(query), layout.segment_blocks(), layout.starts)
+    return layout.merge(jax.lax.map(jax.checkpoint(block, prevent_cse=False), inputs))
+
+
+def runway_coefficients(runway_query, runway_key, *, runway_coefficient, runway_span, segment_ids,
+                        scale, runway_alibi_slope, query_block=QUERY_BLOCK, key_block=KEY_BLOCK):
+    """``[B, T, T]`` float32 rho of METHOD eq. (2), one query block at a time."""
+    layout = _Layout(runway_query[:, :, None], runway_key[:, :, None], segment_ids, query_block,
+                     key_block)
+    runway = _Runway(layout, runway_query, runway_key, runway_coefficient, runway_span, scale,
+                     runway_alibi_slope)
+
+    def block(inputs):
+        runway_rows, segments, start = inputs
+        return runway.coefficients(runway_rows, segments, start)
+
+    rho = jax.lax.map(block, (runway.query_blocks(), layout.segment_blocks(), layout.starts))
+    batch, length = runway_query.shape[:2]
+    rho = jnp.moveaxis(rho, 0, 1).reshape(batch, layout.padded_length, layout.padded_length)
+    return rho[:, :length, :length]
+
+
+class _Layout:
+    """Block sizes, padding and the reshapes between ``[B, T, ...]`` and query blocks."""
+
+    def __init__(self, query, key, segment_ids, query_block, key_block):
+        self.batch, self.length, self.heads = query.shape[:3]
+        self.kv_heads = key.shape[2]
+        self.query_block, self.key_block, self.padded_length = block_plan(
+            self.length, query_block, key_block)
+        self.num_query_blocks = self.padded_length // self.query_block
+        self.starts = jnp.arange(self.num_query_blocks) * self.query_block
+        self.key_positions = jnp.arange(self.padded_length)
+        if segment_ids is None:
+            segment_ids = jnp.zeros((self.batch, self.length), jnp.int32)
+        # Padding sits after every real token, so causality already hides it from real queries.
+        self.segments = self.pad(segment_ids)
+
+    def pad(self, x):
+        widths = [(0, 0)] * x.ndim
+        widths[1] = (0, self.padded_length - self.length)
+        return jnp.pad(x, widths)
+
+    def blocks(self, x):
+        """``[B, T, ...] -> [num_query_blocks, B, Bq, ...]``."""
+        x = self.pad(x)
+        x = x.reshape(self.batch, self.num_query_blocks, self.query_block, *x.shape[2:])
+        return jnp.moveaxis(x, 1, 0)
+
+    def query_blocks(self, query):
+        groups = self.heads // self.kv_heads
+        query = query.reshape(*query.shape[:2], self.kv_heads, groups, query.shape[-1])  # BTKGd
+        return self.blocks(query)
+
+    def segment_blocks(self):
+        return self.blocks(self.segments[:, : self.length])
+
+    def merge(self, blocks):
+        """``[num_query_blocks, B, Bq, K, G, d] -> [B, T, H, d]``."""
+        out = jnp.moveaxis(blocks, 0, 1)
+        out = out.reshape(self.batch, self.padded_length, self.heads, out.shape[-1])
+        return out[:, : self.length]
+
+    def query_positions(self, start):
+        return start + jnp.arange(self.query_block)
+
+    def mask(self, segments, start):
+        """``[B, Bq, Tp]`` visibility of the padded keys to one query block."""
+        return visibility_mask(self.query_positions(start), self.key_positions, segments,
+                               self.segments)
+
+
+class _Runway:
+    """The runway head's arrays (float32, padded) and rho for one query block (eq. (3b))."""
+
+    def __init__(self, layout, runway_query, runway_key, runway_coefficient, runway_span, scale,
+                 alibi_slope):
+        self.layout = layout
+        self.span = runway_span
+        self.scale = scale
+        self.alibi_slope = alibi_slope
+        self.runway_query = runway_query.astype(jnp.float32)
+        self.key = layout.pad(runway_key.astype(jnp.float32))  # z_j, [B, Tp, d]
+        source = runway_query if runway_coefficient == "bilinear" else runway_key
+        self.values = layout.pad(source.astype(jnp.float32))  # w_k, [B, Tp, d]
+        if runway_span == "exact":
+            num_key_blocks = layout.padded_length // layout.key_block
+            self.value_blocks = self.values.reshape(layout.batch, num_key_blocks, layout.key_block, -1)
+            self.key_blocks = self.key.reshape(self.value_blocks.shape)
+            # triu(W_J Z_J^T): [B, J, k, j] with k <= j; shared by every query block.
+            within = jnp.einsum("bJkd,bJjd->bJkj", self.value_blocks, self.key_blocks)
+            upper = jnp.triu(jnp.ones((layout.key_block, layout.key_block), bool))
+            self.within_block = jnp.where(upper, within, 0.0)
+
+    def query_blocks(self):
+        return self.layout.blocks(jnp.stack([self.runway_query, self.values[:, : self.layout.length]], 2))
+
+    def coefficients(self, runway_rows, segments, start):
+        """``[B, Bq, Tp]`` rho for the query block starting at ``start``; zero where undefined."""
+        layout = self.layout
+        runway_query, own_values = runway_rows[:, :, 0], runway_rows[:, :, 1]  # [B, Bq, d] each
+        query_positions = layout.query_positions(start)
+        mask = layout.mask(segments, start)
+        logits = self.scale * jnp.einsum("bid,bjd->bij", runway_query, self.key)
+        if self.alibi_slope is not None:
+            logits = logits + alibi_bias(query_positions, layout.key_positions, self.alibi_slope)
+        probs = masked_softmax(logits, mask)  # A_ik, [B, Bq, Tp]
+        diagonal = query_positions[:, None] == layout.key_positions[None, :]
+        diagonal_probs = jnp.sum(jnp.where(diagonal, probs, 0.0), axis=-1)  # A_ii, [B, Bq]
+        if self.span == "exact":
+            probs_by_block = probs.reshape(*probs.shape[:2], -1, layout.key_block)  # [B, i, J, k]
+            block_sums = jnp.einsum("biJk,bJkd->biJd", probs_by_block, self.value_blocks)
+            weighted_values = jnp.sum(block_sums, axis=2)  # (A w)_i
+        else:
+            weighted_values = jnp.einsum("bik,bkd->bid", probs, self.values)
+        # u_i = P_i(i-1) = (A w)_i - A_ii w_i (eq. (3b)): not a renormalized strictly-causal pass.
+        runway_summary = weighted_values - diagonal_probs[..., None] * own_values
+        rho = jnp.einsum("bid,bjd->bij", runway_summary, self.key)
+        if self.span == "exact":
+            earlier_blocks = jnp.cumsum(block_sums, axis=2)[:, :, :-1]  # S_i(J), exclusive
+            earlier_blocks = jnp.pad(earlier_blocks, ((0, 0), (0, 0), (1, 0), (0, 0)))
+            correction = jnp.einsum("biJd,bJjd->biJj", earlier_blocks, self.key_blocks)
+            correction += jnp.einsum("biJk,bJkj->biJj", probs_by_block, self.within_block)
+            rho = rho - correction.reshape(rho.shape)
+            valid = mask & (layout.key_positions[None, :] < query_positions[:, None])
+        else:
+            valid = mask
+        return jnp.where(valid, self.scale * rho, 0.0)
+
+
+def _attend(query_rows, keys, values, layout, segments, start, scale, alibi_slopes, bias):
+    """Causal softmax attention of one query block ``[B, Bq, K, G, d]`` over all padded keys."""
+    logits = jnp.einsum("bikgd,bjkd->bkgij", query_rows, keys,
+                        preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias[:, None, None]
+    if alibi_slopes is not None:
+        slopes = jnp.reshape(alibi_slopes, (layout.kv_heads, -1))  # head h = k * G + g
+        logits = logits + alibi_bias(layout.query_positions(start), layout.key_positions, slopes)
+    probs = masked_softmax(logits, layout.mask(segments, start)[:, None, None])
+    out = jnp.einsum("bkgij,bjkd->bikgd", probs.astype(values.dtype), values,
+                     preferred_element_type=jnp.float32)
+    return out.astype(query_rows.dtype)
+
+
+def _round_up(value, multiple):
+    return -(-value // multiple) * multiple
