@@ -26,6 +26,7 @@ Public functions:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -214,6 +215,7 @@ def _reference_runway_coefficients(
     return jnp.where(valid, rho, 0.0)
 
 
+@functools.partial(jax.jit, static_argnames=("beta", "runway_coefficient", "runway_span"))
 def _reference_rewired_attention(
     query,
     key,
@@ -244,6 +246,7 @@ def _reference_rewired_attention(
     )
 
 
+@jax.jit
 def _reference_causal_attention(query, key, value, *, segment_ids, scale, alibi_slopes):
     mask = attention_mask(query.shape[1], segment_ids)
     return _reference_attend(

@@ -17,6 +17,8 @@ K key/value heads, G query heads per key/value head, d head width.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -35,6 +37,8 @@ def block_plan(length: int, query_block: int = QUERY_BLOCK, key_block: int = KEY
     return query_block, key_block, _round_up(length, query_block)
 
 
+@functools.partial(jax.jit, static_argnames=(
+    "beta", "runway_coefficient", "runway_span", "query_block", "key_block"))
 def rewired_attention(
     query,
     key,
@@ -69,6 +73,7 @@ def rewired_attention(
     return layout.merge(jax.lax.map(jax.checkpoint(block, prevent_cse=False), inputs))
 
 
+@functools.partial(jax.jit, static_argnames=("query_block", "key_block"))
 def causal_attention(query, key, value, *, segment_ids, scale, alibi_slopes,
                      query_block=QUERY_BLOCK, key_block=KEY_BLOCK):
     """Standard causal attention with the same blocking as :func:`rewired_attention`."""
@@ -84,6 +89,8 @@ def causal_attention(query, key, value, *, segment_ids, scale, alibi_slopes,
     return layout.merge(jax.lax.map(jax.checkpoint(block, prevent_cse=False), inputs))
 
 
+@functools.partial(jax.jit, static_argnames=(
+    "runway_coefficient", "runway_span", "query_block", "key_block"))
 def runway_coefficients(runway_query, runway_key, *, runway_coefficient, runway_span, segment_ids,
                         scale, runway_alibi_slope, query_block=QUERY_BLOCK, key_block=KEY_BLOCK):
     """``[B, T, T]`` float32 rho of METHOD eq. (2), one query block at a time."""
@@ -204,7 +211,9 @@ class _Runway:
             correction = jnp.einsum("biJd,bJjd->biJj", earlier_blocks, self.key_blocks)
             correction += jnp.einsum("biJk,bJkj->biJj", probs_by_block, self.within_block)
             rho = rho - correction.reshape(rho.shape)
-            valid = mask & (layout.key_positions[None, :] < query_positions[:, None])
+            # The runway j < k < i is empty for j >= i - 1 (eq. (2)); mask it exactly rather than
+            # leave the rounding residue of the (3b) cancellation.
+            valid = mask & (layout.key_positions[None, :] < query_positions[:, None] - 1)
         else:
             valid = mask
         return jnp.where(valid, self.scale * rho, 0.0)
