@@ -28,8 +28,9 @@ def alibi_bias(query_positions, key_positions, slopes):
     return -jnp.asarray(slopes, jnp.float32)[..., None, None] * distance
 
 
-def masked_softmax(logits, mask):
-    """Float32 softmax over the last axis restricted to ``mask``; fully masked rows give zeros."""
+def masked_softmax(logits, mask, axis=-1):
+    """Float32 softmax over ``axis`` (an int or a tuple) restricted to ``mask``; fully masked rows
+    give zeros."""
     logits = jnp.where(mask, logits.astype(jnp.float32), MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jax.nn.softmax(logits, axis=axis)
     return jnp.where(mask, probs, 0.0)

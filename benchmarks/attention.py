@@ -1,0 +1,110 @@
+"""Benchmark: rewired attention ("xla", exact and prefix spans) against standard causal attention.
+
+    python benchmarks/attention.py [--lengths=512,1024,2048,4096,8192] [--repeats=3]
+                                   [--out=benchmarks/results/attention.json]
+
+For every length T (B=1, H=8, d=64, float32 by default) it measures, in the same run, the
+forward and forward+backward wall time (median of ``--repeats`` after one warm-up) and the
+compiled memory (XLA's memory analysis: temporaries + arguments + outputs) of
+
+  * causal_attention(implementation="xla")            -- the baseline, 8 heads
+  * rewired_attention(span="exact", implementation="xla") -- 8 rewired heads + the runway head
+  * rewired_attention(span="prefix", implementation="xla")
+
+and prints ratios to the baseline plus the growth exponent of each series, fitted as the slope of
+log(time) against log(T). METHOD (3c) puts the floor of the time ratio near 1.2x.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from runway_jax import attention
+
+VARIANTS = {
+    "causal": lambda q, k, v, rq, rk: attention.causal_attention(q, k, v, implementation="xla"),
+    "exact": lambda q, k, v, rq, rk: attention.rewired_attention(
+        q, k, v, rq, rk, runway_span="exact", implementation="xla"),
+    "prefix": lambda q, k, v, rq, rk: attention.rewired_attention(
+        q, k, v, rq, rk, runway_span="prefix", implementation="xla"),
+}
+
+
+def measure(fn, inputs, repeats):
+    compiled = jax.jit(fn).lower(*inputs).compile()
+    memory = compiled.memory_analysis()
+    peak = memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
+    jax.block_until_ready(compiled(*inputs))  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*inputs))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), peak
+
+
+def growth_exponent(lengths, values):
+    return float(np.polyfit(np.log(lengths), np.log(values), 1)[0])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="512,1024,2048,4096,8192")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head_dim", type=int, default=64)
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results", "attention.json"))
+    args = parser.parse_args(argv)
+    lengths = [int(n) for n in args.lengths.split(",")]
+
+    results = {"device": str(jax.devices()[0]), "backend": jax.default_backend(),
+               "batch": args.batch, "heads": args.heads, "head_dim": args.head_dim,
+               "dtype": "float32", "rows": []}
+    header = f"{'T':>6} {'mode':>8} " + " ".join(f"{name + ' s':>10} {name + ' MB':>10}" for name in VARIANTS)
+    print(header + f" {'exact/causal':>14} {'prefix/causal':>14}", flush=True)
+    for length in lengths:
+        keys = jax.random.split(jax.random.key(length), 5)
+        shapes = [(args.batch, length, args.heads, args.head_dim)] * 3 + [(args.batch, length, args.head_dim)] * 2
+        inputs = [jax.random.normal(key, shape, jnp.float32) for key, shape in zip(keys, shapes)]
+        for mode in ("forward", "forward+backward"):
+            row = {"length": length, "mode": mode}
+            for name, fn in VARIANTS.items():
+                if mode == "forward+backward":
+                    fn = jax.grad(lambda *a, fn=fn: fn(*a).sum(), argnums=tuple(range(5)))
+                row[f"{name}_seconds"], row[f"{name}_bytes"] = measure(fn, inputs, args.repeats)
+            for name in ("exact", "prefix"):
+                row[f"{name}_time_ratio"] = row[f"{name}_seconds"] / row["causal_seconds"]
+                row[f"{name}_memory_ratio"] = row[f"{name}_bytes"] / row["causal_bytes"]
+            results["rows"].append(row)
+            cells = " ".join(f"{row[f'{n}_seconds']:>10.4f} {row[f'{n}_bytes'] / 2**20:>10.1f}" for n in VARIANTS)
+            print(f"{length:>6} {mode[:8]:>8} {cells} "
+                  f"{row['exact_time_ratio']:>7.2f}x/{row['exact_memory_ratio']:.2f}x "
+                  f"{row['prefix_time_ratio']:>7.2f}x/{row['prefix_memory_ratio']:.2f}x", flush=True)
+
+    results["growth_exponents"] = {}
+    if len(lengths) > 1:
+        for mode in ("forward", "forward+backward"):
+            rows = [r for r in results["rows"] if r["mode"] == mode]
+            results["growth_exponents"][mode] = {
+                name: growth_exponent([r["length"] for r in rows], [r[f"{name}_seconds"] for r in rows])
+                for name in VARIANTS
+            }
+            exponents = ", ".join(f"{n} {e:.2f}" for n, e in results["growth_exponents"][mode].items())
+            print(f"time growth exponent in T ({mode}): {exponents}")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as handle:
+        json.dump(results, handle, indent=2)
+    print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
