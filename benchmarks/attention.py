@@ -103,7 +103,38 @@ def main(argv=None):
     with open(args.out, "w") as handle:
         json.dump(results, handle, indent=2)
     print(f"wrote {args.out}")
+    plot(results, os.path.splitext(args.out)[0] + ".png")
     return results
+
+
+def plot(results, path):
+    """Time and memory against T, log-log, one panel per measure (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed; skipping the plot (pip install matplotlib)")
+        return
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = [("forward", "seconds", "forward time (s)"),
+              ("forward+backward", "seconds", "forward+backward time (s)"),
+              ("forward+backward", "bytes", "forward+backward compiled memory (MiB)")]
+    for axis, (mode, measure, title) in zip(axes, panels):
+        rows = [r for r in results["rows"] if r["mode"] == mode]
+        lengths = [r["length"] for r in rows]
+        for name in VARIANTS:
+            values = [r[f"{name}_{measure}"] / (2**20 if measure == "bytes" else 1) for r in rows]
+            axis.plot(lengths, values, marker="o", label=name)
+        axis.set(xscale="log", yscale="log", xlabel="sequence length T", title=title)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend()
+    figure.suptitle(f"rewired vs causal attention, {results['backend']}, B={results['batch']}, "
+                    f"H={results['heads']}, d={results['head_dim']}, float32")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

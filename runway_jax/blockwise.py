@@ -1,15 +1,20 @@
 """The ``"xla"`` implementation: METHOD eq. (3b) evaluated in query blocks and key blocks.
 
 Each query block I (``Bq`` rows) sees all ``Tp`` (padded) keys at once, so the largest arrays are
-``[B, H, Bq, Tp]`` logits; nothing is ``T x T x T`` or ``T x T x d``. For the exact span the
+the ``[B, Bq, H, Tp]`` logits; nothing is ``T x T x T`` or ``T x T x d``. For the exact span the
 correction ``c_ij = <P_i(j), z_j>`` of eq. (3b) is split over key blocks J of size ``Bk``:
 
   c_ij = <S_i(J), z_j> + (A_{i,J} @ triu(W_J Z_J^T))_ij,   S_i(J) = sum_{J' < J} A_{i,J'} W_{J'}
 
-where ``S`` is an exclusive prefix sum over key blocks (``[B, Bq, Tp/Bk, d]``) and ``triu`` keeps
+where ``S`` is an exclusive prefix sum over key blocks (``[B, Tp/Bk, Bq, d]``) and ``triu`` keeps
 ``k <= j``. The loop over query blocks is a ``lax.map`` of a rematerialized body, so the backward
 pass recomputes one block at a time instead of storing every block's ``Bq x Tp`` arrays: training
 memory stays ``O(Bq * Tp)`` per layer, like the forward pass.
+
+Layouts were chosen by measurement on CPU (``benchmarks/attention.py``): the heads' logits keep
+the heads beside the key axis and the exact-span runway terms live in key-block layout
+``[B, J, i, k]``; with other layouts XLA inserted transposes that made the rewired backward pass
+1.5x to 2x slower than it is.
 
 Shape letters: B batch, i query (``Bq``), j / k key (``Tp``, or ``Bk`` inside a key block J),
 K key/value heads, G query heads per key/value head, d head width.
@@ -29,12 +34,17 @@ KEY_BLOCK = 64
 
 
 def block_plan(length: int, query_block: int = QUERY_BLOCK, key_block: int = KEY_BLOCK):
-    """``(Bq, Bk, padded_length)``: ``Bk`` divides ``Bq`` and ``Bq`` divides ``padded_length``."""
+    """``(Bq, Bk, padded_length)``: ``Bk`` divides ``Bq`` and ``Bq`` divides ``padded_length``.
+
+    ``query_block`` is an upper bound: the blocks are evened out so that little is padding
+    (T = 600 gives two blocks of 320, not two of 512).
+    """
     if query_block % key_block:
         raise ValueError(f"{query_block=} must be a multiple of {key_block=}.")
     key_block = min(key_block, length)
-    query_block = _round_up(min(query_block, length), key_block)
-    return query_block, key_block, _round_up(length, query_block)
+    num_query_blocks = -(-length // query_block)
+    query_block = _round_up(-(-length // num_query_blocks), key_block)
+    return query_block, key_block, num_query_blocks * query_block
 
 
 @functools.partial(jax.jit, static_argnames=(

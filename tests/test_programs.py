@@ -1,5 +1,6 @@
 """The README's promises: its example runs, its commands exist, and the demo's loss falls."""
 
+import json
 import pathlib
 import re
 import subprocess
@@ -35,7 +36,7 @@ def test_benchmark_runs_and_writes_json(tmp_path):
     out = tmp_path / "attention.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention.py"), "--lengths=64,128",
                     "--repeats=1", f"--out={out}"], check=True, capture_output=True, timeout=300)
-    import json
     results = json.loads(out.read_text())
     assert len(results["rows"]) == 4 and "forward+backward" in results["growth_exponents"]
     assert all(row["exact_seconds"] > 0 and row["causal_bytes"] > 0 for row in results["rows"])
+    assert (tmp_path / "attention.png").stat().st_size > 10_000
