@@ -301,3 +301,16 @@ def test_jit_and_default_implementation():
         fn(*inputs), attention.rewired_attention(*inputs, beta=0.5, implementation="reference"),
         atol=1e-5, rtol=0)
     assert attention.default_implementation() in attention.IMPLEMENTATIONS
+
+
+def test_masked_softmax_fully_masked_rows_are_zero_and_differentiable():
+    """Invariant 3 for rows with no visible key at all: zeros, never NaN, finite gradients."""
+    from runway_jax.masking import masked_softmax
+
+    logits = jnp.array([[1.0, 2.0, 3.0], [5.0, -1e30, 7.0]])
+    mask = jnp.array([[False, False, False], [True, False, True]])
+    probs = masked_softmax(logits, mask)
+    np.testing.assert_array_equal(probs[0], 0.0)
+    np.testing.assert_allclose(probs[1], jax.nn.softmax(jnp.array([5.0, -jnp.inf, 7.0])), rtol=1e-6)
+    grad = jax.grad(lambda x: (masked_softmax(x, mask) * jnp.arange(3.0)).sum())(logits)
+    assert bool(jnp.all(jnp.isfinite(grad))) and float(jnp.abs(grad[0]).max()) == 0.0
