@@ -1,0 +1,262 @@
+"""Grain pipelines: every source (embedded corpus, local files, synthetic tasks) through one
+function, :func:`make_dataset`, into batches of packed rows.
+
+A batch is a dict of numpy arrays, each ``[local_batch, seq_len]``:
+
+  inputs, targets   int32 tokens; ``targets[t] = inputs[t + 1]`` of the same row
+  segment_ids       int32 document of each token in its row (1, 2, ...; 0 is padding), METHOD (5)
+  positions         int32 position of each token in its document piece (restarts at 0)
+  loss_mask         float32 1 where the target is a real token of the same document
+
+Packing (``DataConfig.packing``):
+
+  "chunk"  tokenize everything once, concatenate documents (each ending in EOS) and cut the stream
+           into rows; random access, so rows are shuffled globally every epoch. For corpora that
+           fit in memory (the embedded corpus, local files up to a few hundred MB).
+  "pack"   streaming: shuffle documents, tokenize lazily and concatenate-then-split them with
+           Grain's ``ConcatThenSplitIterDataset``. For large corpora (C4-style files).
+
+Either way the iterator's state is Grain's own (``iterator.get_state()`` /
+``iterator.set_state(state)``), so training resumes at exactly the next batch, and each JAX
+process reads only its shard (``process_index::process_count``) of the rows or documents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import grain
+import numpy as np
+
+from runway_jax.data import corpus, sources, synthetic
+from runway_jax.data.errors import DataError
+from runway_jax.data.tokenizers import load_tokenizer
+
+SYNTHETIC_SOURCES = ("recall", "passkey")
+PACKINGS = ("auto", "chunk", "pack")
+SPLITS = ("train", "validation")
+VALIDATION_EVERY = 100  # files without a validation_source: every 100th document is held out
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from and how they are cut into batches; validated on construction."""
+
+    source: str = "shakespeare"  # "shakespeare", "recall", "passkey", or file paths / globs
+    validation_source: Optional[str] = None  # default: held-out plays / every 100th document
+    tokenizer: str = "byte"  # "byte", "bpe", or a tokenizer.json / SentencePiece .model path
+    bpe_vocab_size: int = 4096
+    seq_len: int = 256
+    batch_size: int = 16  # global, over all processes
+    packing: str = "auto"  # "chunk" for the embedded corpus and small files, see module docstring
+    text_field: str = "text"  # JSONL / Parquet / ArrayRecord field holding the text
+    seed: int = 0
+    worker_count: int = 0  # Grain worker processes (0: in the main process)
+    recall_pairs: int = 16
+    recall_queries: int = 8
+    passkey_filler_chars: int = 2000
+    passkey_digits: int = 5
+
+    def __post_init__(self):
+        if self.seq_len < 2:
+            raise DataError(f"seq_len={self.seq_len} is too short; use seq_len >= 2.")
+        if self.batch_size < 1:
+            raise DataError(f"batch_size={self.batch_size} must be >= 1.")
+        if self.packing not in PACKINGS:
+            raise DataError(f"packing={self.packing!r} is not one of {PACKINGS}.")
+        if self.worker_count < 0:
+            raise DataError(f"worker_count={self.worker_count} must be >= 0.")
+        if not self.source:
+            raise DataError("source is empty; use 'shakespeare', 'recall', 'passkey' or file paths.")
+
+    @property
+    def resolved_packing(self) -> str:
+        if self.packing != "auto":
+            return self.packing
+        return "chunk"  # everything built in fits in memory; choose "pack" for large file sets
+
+
+def documents(config: DataConfig, split: str) -> list[str]:
+    """The text documents of ``split`` (not for the synthetic sources)."""
+    if split not in SPLITS:
+        raise DataError(f"split={split!r} is not one of {SPLITS}.")
+    if config.source == "shakespeare":
+        return corpus.shakespeare_documents(split)
+    if split == "validation" and config.validation_source:
+        return sources.read_documents(config.validation_source, text_field=config.text_field)
+    all_documents = sources.read_documents(config.source, text_field=config.text_field)
+    if config.validation_source:
+        return all_documents
+    held_out = [i % VALIDATION_EVERY == VALIDATION_EVERY - 1 for i in range(len(all_documents))]
+    chosen = [d for d, out in zip(all_documents, held_out) if out == (split == "validation")]
+    if not chosen:
+        raise DataError(f"source {config.source!r} has too few documents for a {split} split "
+                        f"(every {VALIDATION_EVERY}th is held out); set validation_source.")
+    return chosen
+
+
+def make_tokenizer(config: DataConfig, workdir: Optional[str] = None):
+    """The tokenizer of ``config``; a ``"bpe"`` one is trained on the training split once and kept
+    as ``workdir/tokenizer.json`` so evaluation reuses exactly it."""
+    return load_tokenizer(config.tokenizer, workdir=workdir, bpe_vocab_size=config.bpe_vocab_size,
+                          train_texts=lambda: documents(config, "train"))
+
+
+def make_dataset(config: DataConfig, split: str, tokenizer, *, process_index: int = 0,
+                 process_count: int = 1, num_epochs: Optional[int] = None) -> grain.IterDataset:
+    """Batches of ``split`` for one process (see the module docstring for their layout).
+
+    Training (``num_epochs=None``) repeats forever, reshuffling every epoch; validation is not
+    shuffled and ``num_epochs`` defaults to 1 for it. Incomplete final batches are dropped, so
+    every batch has the same shape.
+    """
+    if split not in SPLITS:
+        raise DataError(f"split={split!r} is not one of {SPLITS}.")
+    if not 0 <= process_index < process_count:
+        raise DataError(f"process_index={process_index} must be in [0, process_count={process_count}).")
+    if config.batch_size % process_count:
+        raise DataError(f"batch_size={config.batch_size} must be divisible by the {process_count} processes.")
+    train = split == "train"
+    if num_epochs is None and not train:
+        num_epochs = 1
+    row_length = config.seq_len + 1  # inputs and the targets shifted by one
+
+    if config.source in SYNTHETIC_SOURCES:
+        rows = _synthetic_rows(config, split, tokenizer, row_length)
+        return _finish(rows, config, train, process_index, process_count, num_epochs)
+    texts = documents(config, split)
+    if config.resolved_packing == "chunk":
+        rows = _chunked_rows(tuple(texts), tokenizer, row_length)
+        return _finish(rows, config, train, process_index, process_count, num_epochs)
+
+    dataset = grain.MapDataset.source(texts)[process_index::process_count]
+    if len(dataset) == 0:
+        raise DataError(f"process {process_index} of {process_count} got no {split} documents; "
+                        "use fewer processes or more files.")
+    if train:
+        dataset = dataset.shuffle(seed=config.seed)
+    dataset = dataset.repeat(num_epochs)
+    dataset = dataset.map(lambda text: {"tokens": _with_eos(tokenizer.encode(text), tokenizer)})
+    dataset = grain.experimental.ConcatThenSplitIterDataset(
+        dataset.to_iter_dataset(), length_struct={"tokens": row_length})
+    dataset = dataset.map(functools.partial(_example, pad_id=tokenizer.pad_id))
+    return _batch(dataset, config, process_count)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _with_eos(tokens, tokenizer):
+    return np.concatenate([np.asarray(tokens, np.int32), np.array([tokenizer.eos_id], np.int32)])
+
+
+def _example(row, pad_id):
+    """Packed row of ``seq_len + 1`` tokens -> model inputs and shifted targets."""
+    tokens, segments = row["tokens"], row["tokens_segment_ids"]
+    tokens = np.where(segments > 0, tokens, pad_id).astype(np.int32)
+    same_document = (segments[1:] == segments[:-1]) & (segments[:-1] > 0)
+    loss_mask = same_document if "loss_mask" not in row else same_document & row["loss_mask"][:-1]
+    return {
+        "inputs": tokens[:-1],
+        "targets": tokens[1:],
+        "segment_ids": segments[:-1].astype(np.int32),
+        "positions": row["tokens_positions"][:-1].astype(np.int32),
+        "loss_mask": loss_mask.astype(np.float32),
+    }
+
+
+class _ChunkedRows:
+    """Random-access rows of a concatenated token stream, each ``row_length`` tokens starting
+    every ``row_length - 1`` tokens (the last target of a row is the next row's first input)."""
+
+    def __init__(self, texts, tokenizer, row_length):
+        pieces = [_with_eos(tokenizer.encode(text), tokenizer) for text in texts]
+        if not pieces or sum(len(p) for p in pieces) < 2:
+            raise DataError("the source has no tokens to train on; check that its files hold text.")
+        self.stream = np.concatenate(pieces)
+        self.document_starts = np.cumsum([0] + [len(p) for p in pieces[:-1]])
+        self.row_length = row_length
+        self.pad_id = tokenizer.pad_id
+        self.length = max(1, -(-(len(self.stream) - 1) // (row_length - 1)))
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        start = index * (self.row_length - 1)
+        tokens = self.stream[start:start + self.row_length]
+        indices = np.arange(start, start + len(tokens))
+        documents = np.searchsorted(self.document_starts, indices, side="right") - 1
+        piece_starts = np.maximum(self.document_starts[documents], start)
+        segments = documents - documents[0] + 1
+        padding = self.row_length - len(tokens)
+        row = {
+            "tokens": np.pad(tokens, (0, padding), constant_values=self.pad_id),
+            "tokens_segment_ids": np.pad(segments, (0, padding)).astype(np.int32),
+            "tokens_positions": np.pad(indices - piece_starts, (0, padding)).astype(np.int32),
+        }
+        return _example(row, self.pad_id)
+
+
+@functools.lru_cache(maxsize=8)
+def _chunked_rows(texts, tokenizer, row_length):
+    # Cached: the train and validation pipelines of one run, and a restart, tokenize once.
+    return grain.MapDataset.source(_ChunkedRows(texts, tokenizer, row_length))
+
+
+def _synthetic_rows(config, split, tokenizer, row_length):
+    # Disjoint seeds per split; each row is one example padded to the row length.
+    seed = config.seed * 2 + (split == "validation")
+    size = 1_000_000 if split == "train" else 1_000
+
+    def recall_row(index):
+        example = synthetic.associative_recall(
+            seed, index, num_pairs=config.recall_pairs, num_queries=config.recall_queries)
+        return _padded(example["tokens"], example["loss_mask"], row_length, tokenizer.pad_id)
+
+    def passkey_row(index):
+        depth = float(np.random.default_rng([seed, index, 1]).uniform())
+        prompt, answer = synthetic.passkey(seed, index, filler_chars=config.passkey_filler_chars,
+                                           depth=depth, digits=config.passkey_digits)
+        prompt_tokens, answer_tokens = tokenizer.encode(prompt), _with_eos(tokenizer.encode(answer), tokenizer)
+        tokens = np.concatenate([prompt_tokens, answer_tokens])
+        scored = np.arange(len(tokens)) >= len(prompt_tokens) - 1  # predict the answer and EOS
+        return _padded(tokens, scored, row_length, tokenizer.pad_id)
+
+    row = recall_row if config.source == "recall" else passkey_row
+    row(0)  # an example that does not fit in a row fails here, at start-up
+    return grain.MapDataset.range(size).map(row)
+
+
+def _padded(tokens, scored, row_length, pad_id):
+    if len(tokens) > row_length:
+        raise DataError(f"a synthetic example has {len(tokens)} tokens but seq_len + 1 = {row_length}; "
+                        f"raise seq_len to >= {len(tokens) - 1} or make the task smaller.")
+    padding = row_length - len(tokens)
+    row = {
+        "tokens": np.pad(tokens, (0, padding), constant_values=pad_id).astype(np.int32),
+        "tokens_segment_ids": np.pad(np.ones(len(tokens), np.int32), (0, padding)),
+        "tokens_positions": np.pad(np.arange(len(tokens), dtype=np.int32), (0, padding)),
+        "loss_mask": np.pad(np.asarray(scored, bool), (0, padding)),
+    }
+    return _example(row, pad_id)
+
+
+def _finish(rows, config, train, process_index, process_count, num_epochs):
+    rows = rows[process_index::process_count]
+    if len(rows) < config.batch_size // process_count:
+        raise DataError(f"the data has {len(rows)} rows for process {process_index}, fewer than one "
+                        f"batch of {config.batch_size // process_count}; lower batch_size or seq_len.")
+    if train:
+        rows = rows.shuffle(seed=config.seed)
+    rows = rows.repeat(num_epochs)
+    return _batch(rows.to_iter_dataset(), config, process_count)
+
+
+def _batch(dataset, config, process_count):
+    dataset = dataset.batch(config.batch_size // process_count, drop_remainder=True)
+    if config.worker_count:
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
+    return dataset
