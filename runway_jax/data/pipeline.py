@@ -258,5 +258,11 @@ def _finish(rows, config, train, process_index, process_count, num_epochs):
 def _batch(dataset, config, process_count):
     dataset = dataset.batch(config.batch_size // process_count, drop_remainder=True)
     if config.worker_count:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            # Grain's worker processes read absl flags; programs not started by absl.app have
+            # not parsed them, so take the defaults.
+            flags.FLAGS.mark_as_parsed()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
     return dataset

