@@ -40,3 +40,13 @@ def test_benchmark_runs_and_writes_json(tmp_path):
     assert len(results["rows"]) == 4 and "forward+backward" in results["growth_exponents"]
     assert all(row["exact_seconds"] > 0 and row["causal_bytes"] > 0 for row in results["rows"])
     assert (tmp_path / "attention.png").stat().st_size > 10_000
+
+
+def test_data_benchmark_runs_and_writes_json(tmp_path):
+    out = tmp_path / "data.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data.py"), "--batches=3", "--steps=1",
+                    "--seq_len=32", "--batch_size=2", "--bpe_vocab_size=300", f"--out={out}"],
+                   check=True, capture_output=True, timeout=600)
+    results = json.loads(out.read_text())
+    assert results["byte_tokens_per_second"] > 0 and results["training_tokens_per_second"] > 0
+    assert results["bpe_ratio"] > 0
