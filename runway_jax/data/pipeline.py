@@ -38,6 +38,7 @@ SYNTHETIC_SOURCES = ("recall", "passkey")
 PACKINGS = ("auto", "chunk", "pack")
 SPLITS = ("train", "validation")
 VALIDATION_EVERY = 100  # files without a validation_source: every 100th document is held out
+CHUNK_LIMIT_BYTES = 256 * 2**20  # packing="auto" streams file sets larger than this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +51,7 @@ class DataConfig:
     bpe_vocab_size: int = 4096
     seq_len: int = 256
     batch_size: int = 16  # global, over all processes
-    packing: str = "auto"  # "chunk" for the embedded corpus and small files, see module docstring
+    packing: str = "auto"  # "chunk" up to 256 MiB of files, else "pack"; see the module docstring
     text_field: str = "text"  # JSONL / Parquet / ArrayRecord field holding the text
     seed: int = 0
     worker_count: int = 0  # Grain worker processes (0: in the main process)
@@ -71,30 +72,48 @@ class DataConfig:
         if not self.source:
             raise DataError("source is empty; use 'shakespeare', 'recall', 'passkey' or file paths.")
 
-    @property
-    def resolved_packing(self) -> str:
-        if self.packing != "auto":
-            return self.packing
-        return "chunk"  # everything built in fits in memory; choose "pack" for large file sets
 
 
-def documents(config: DataConfig, split: str) -> list[str]:
-    """The text documents of ``split`` (not for the synthetic sources)."""
+def document_source(config: DataConfig, split: str):
+    """Random-access documents of ``split``: lazy for files (nothing is read until asked for)."""
     if split not in SPLITS:
         raise DataError(f"split={split!r} is not one of {SPLITS}.")
+    if config.source in SYNTHETIC_SOURCES:
+        raise DataError(f"source={config.source!r} is synthetic and has no text documents.")
     if config.source == "shakespeare":
         return corpus.shakespeare_documents(split)
     if split == "validation" and config.validation_source:
-        return sources.read_documents(config.validation_source, text_field=config.text_field)
-    all_documents = sources.read_documents(config.source, text_field=config.text_field)
-    if config.validation_source:
-        return all_documents
-    held_out = [i % VALIDATION_EVERY == VALIDATION_EVERY - 1 for i in range(len(all_documents))]
-    chosen = [d for d, out in zip(all_documents, held_out) if out == (split == "validation")]
-    if not chosen:
-        raise DataError(f"source {config.source!r} has too few documents for a {split} split "
-                        f"(every {VALIDATION_EVERY}th is held out); set validation_source.")
-    return chosen
+        return sources.DocumentSource(config.validation_source, text_field=config.text_field)
+    every = sources.DocumentSource(config.source, text_field=config.text_field)
+    return every if config.validation_source else _HeldOut(every, split, config.source)
+
+
+def documents(config: DataConfig, split: str) -> list[str]:
+    """The non-empty text documents of ``split``, read into memory."""
+    return [document for document in document_source(config, split) if document]
+
+
+class _HeldOut:
+    """Every ``VALIDATION_EVERY``-th document (indices 99, 199, ...) is validation, the rest train;
+    a lazy view, so the split of a huge file set costs nothing."""
+
+    def __init__(self, source, split, name):
+        self.source, self.split = source, split
+        held_out = len(source) // VALIDATION_EVERY
+        self.length = held_out if split == "validation" else len(source) - held_out
+        if self.length == 0:
+            raise DataError(f"source {name!r} has too few documents for a {split} split (every "
+                            f"{VALIDATION_EVERY}th is held out); set validation_source.")
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        if self.split == "validation":
+            return self.source[VALIDATION_EVERY * index + VALIDATION_EVERY - 1]
+        return self.source[index + index // (VALIDATION_EVERY - 1)]
 
 
 def make_tokenizer(config: DataConfig, workdir: Optional[str] = None):
@@ -126,12 +145,11 @@ def make_dataset(config: DataConfig, split: str, tokenizer, *, process_index: in
     if config.source in SYNTHETIC_SOURCES:
         rows = _synthetic_rows(config, split, tokenizer, row_length)
         return _finish(rows, config, train, process_index, process_count, num_epochs)
-    texts = documents(config, split)
-    if config.resolved_packing == "chunk":
-        rows = _chunked_rows(tuple(texts), tokenizer, row_length)
+    if _packing(config) == "chunk":
+        rows = _chunked_rows(tuple(documents(config, split)), tokenizer, row_length)
         return _finish(rows, config, train, process_index, process_count, num_epochs)
 
-    dataset = grain.MapDataset.source(texts)[process_index::process_count]
+    dataset = grain.MapDataset.source(document_source(config, split))[process_index::process_count]
     if len(dataset) == 0:
         raise DataError(f"process {process_index} of {process_count} got no {split} documents; "
                         "use fewer processes or more files.")
@@ -146,6 +164,16 @@ def make_dataset(config: DataConfig, split: str, tokenizer, *, process_index: in
 
 
 # ----------------------------------------------------------------------------------------------
+
+
+def _packing(config):
+    """"auto": chunk what fits comfortably in memory (the embedded corpus, files up to
+    ``CHUNK_LIMIT_BYTES``), stream-pack anything larger."""
+    if config.packing != "auto":
+        return config.packing
+    if config.source == "shakespeare":
+        return "chunk"
+    return "chunk" if sources.total_bytes(config.source) <= CHUNK_LIMIT_BYTES else "pack"
 
 
 def _with_eos(tokens, tokenizer):
