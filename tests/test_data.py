@@ -109,7 +109,7 @@ def test_packing_never_crosses_documents(tmp_path, packing):
 def test_iterator_checkpoint_resumes_at_the_identical_next_batch(tmp_path, packing):
     paths = write_files(tmp_path)
     config = DataConfig(source=paths["jsonl"], validation_source=paths["parquet"], seq_len=16,
-                        batch_size=3, packing=packing, seed=7)
+                        batch_size=3, packing=packing, shuffle_seed=7)
     dataset = make_dataset(config, "train", ByteTokenizer())
     iterator = iter(dataset)
     for _ in range(5):
@@ -147,7 +147,7 @@ def test_training_order_is_seeded_and_reshuffled_each_epoch(tmp_path):
     first = [b["inputs"][0].tolist() for b, _ in zip(make_dataset(config, "train", ByteTokenizer()), range(60))]
     again = [b["inputs"][0].tolist() for b, _ in zip(make_dataset(config, "train", ByteTokenizer()), range(60))]
     other = DataConfig(source=paths["jsonl"], validation_source=paths["parquet"], seq_len=16,
-                       batch_size=1, seed=1)
+                       batch_size=1, shuffle_seed=1)
     reseeded = [b["inputs"][0].tolist() for b, _ in zip(make_dataset(other, "train", ByteTokenizer()), range(60))]
     assert first == again and first != reseeded
 

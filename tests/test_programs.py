@@ -1,4 +1,4 @@
-"""The README's promises: its example runs, its commands exist, and the demo's loss falls."""
+"""The README's promises: its example runs, its commands exist, the benchmarks run."""
 
 import json
 import pathlib
@@ -23,13 +23,6 @@ def test_readme_example_runs():
 def test_ci_runs_exactly_the_readme_test_command():
     command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert "pytest" in command and f"   {command}\n" in README
-
-
-def test_demo_loss_falls():
-    result = subprocess.run([sys.executable, str(ROOT / "train" / "demo.py"), "--steps=60"],
-                            capture_output=True, text=True, timeout=300, check=True)
-    losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", result.stdout)]
-    assert losses[-1] < losses[0] - 2.0, result.stdout
 
 
 def test_benchmark_runs_and_writes_json(tmp_path):

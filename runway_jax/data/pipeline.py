@@ -53,7 +53,7 @@ class DataConfig:
     batch_size: int = 16  # global, over all processes
     packing: str = "auto"  # "chunk" up to 256 MiB of files, else "pack"; see the module docstring
     text_field: str = "text"  # JSONL / Parquet / ArrayRecord field holding the text
-    seed: int = 0
+    shuffle_seed: int = 0  # order of training rows (and the synthetic examples)
     worker_count: int = 0  # Grain worker processes (0: in the main process)
     recall_pairs: int = 16
     recall_queries: int = 8
@@ -154,7 +154,7 @@ def make_dataset(config: DataConfig, split: str, tokenizer, *, process_index: in
         raise DataError(f"process {process_index} of {process_count} got no {split} documents; "
                         "use fewer processes or more files.")
     if train:
-        dataset = dataset.shuffle(seed=config.seed)
+        dataset = dataset.shuffle(seed=config.shuffle_seed)
     dataset = dataset.repeat(num_epochs)
     dataset = dataset.map(lambda text: {"tokens": _with_eos(tokenizer.encode(text), tokenizer)})
     dataset = grain.experimental.ConcatThenSplitIterDataset(
@@ -236,7 +236,7 @@ def _chunked_rows(texts, tokenizer, row_length):
 
 def _synthetic_rows(config, split, tokenizer, row_length):
     # Disjoint seeds per split; each row is one example padded to the row length.
-    seed = config.seed * 2 + (split == "validation")
+    seed = config.shuffle_seed * 2 + (split == "validation")
     size = 1_000_000 if split == "train" else 1_000
 
     def recall_row(index):
@@ -278,7 +278,7 @@ def _finish(rows, config, train, process_index, process_count, num_epochs):
         raise DataError(f"the data has {len(rows)} rows for process {process_index}, fewer than one "
                         f"batch of {config.batch_size // process_count}; lower batch_size or seq_len.")
     if train:
-        rows = rows.shuffle(seed=config.seed)
+        rows = rows.shuffle(seed=config.shuffle_seed)
     rows = rows.repeat(num_epochs)
     return _batch(rows.to_iter_dataset(), config, process_count)
 

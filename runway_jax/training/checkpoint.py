@@ -1,0 +1,80 @@
+"""Orbax checkpoints of a training run: train state, Grain iterator state and the config.
+
+A step directory holds three items: ``state`` (parameters, optimizer state, step, RNG key data;
+sharded arrays), ``data`` (the Grain iterator state, JSON) and ``config`` (the resolved
+``TrainConfig``, JSON). Orbax writes each step into a temporary directory and renames it when
+complete, so a run killed mid-save leaves the previous checkpoint intact; saves are asynchronous.
+"""
+
+from __future__ import annotations
+
+import os
+
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+from runway_jax.training.config import ConfigError
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names it and what to do."""
+
+
+class Checkpoints:
+    def __init__(self, directory: str, *, keep: int, milestones=()):
+        policies = [checkpoint_managers.LatestN(n=keep)]
+        if milestones:
+            policies.append(checkpoint_managers.CustomSteps(steps=list(milestones)))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=True, create=True)
+        self.directory = os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self):
+        return self.manager.latest_step()
+
+    def all_steps(self):
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state, data_state: dict, config: dict):
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(config)))
+
+    def saved_config(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    def restore(self, step: int, abstract_state, model_config: dict):
+        """``(state, data_state)`` of ``step``; the saved model config must equal ``model_config``."""
+        path = os.path.join(self.directory, str(step))
+        try:
+            saved = self.saved_config(step)
+        except Exception as error:
+            raise CheckpointError(self._corrupt(step, path, error)) from None
+        if saved.get("model") != model_config:
+            differences = sorted(k for k in model_config if saved.get("model", {}).get(k) != model_config[k])
+            shown = ", ".join(f"{k}: saved {saved.get('model', {}).get(k)!r} vs now {model_config[k]!r}"
+                              for k in differences[:4])
+            raise ConfigError(f"the checkpoint {path} was trained with a different model ({shown}); "
+                              "use a new --workdir or the same model flags.")
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        except Exception as error:
+            raise CheckpointError(self._corrupt(step, path, error)) from None
+        return restored["state"], restored["data"]
+
+    def _corrupt(self, step, path, error):
+        earlier = [s for s in self.all_steps() if s < step]
+        offer = (f"delete it to resume from step {earlier[-1]}: rm -r {path}" if earlier
+                 else f"delete it to start over: rm -r {path}")
+        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        return f"the checkpoint {path} is corrupt or truncated ({reason}); {offer}"
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.close()

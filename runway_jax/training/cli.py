@@ -1,0 +1,53 @@
+"""Command-line flags for ``TrainConfig``, via tyro: every field of the training, model and data
+configs is a flat flag (``--steps=``, ``--beta=``, ``--seq_len=``, ...).
+
+tyro builds the flags from the dataclasses' types and defaults, so a new config field is a new
+flag with no parsing code, and ``--help`` lists them all with their defaults. Around it: the
+preset is chosen first (its values become the defaults), unknown flags get a one-line error with
+the closest flag, and ``true``/``false`` are accepted for booleans.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+import tyro
+
+from runway_jax.training.config import ConfigError, TrainConfig, train_preset
+
+_TYRO_OPTIONS = (tyro.conf.OmitArgPrefixes, tyro.conf.FlagConversionOff)
+
+
+def flag_names(config_type=TrainConfig) -> set[str]:
+    """Every flag name (nested dataclass fields flattened, as tyro names them)."""
+    names = set()
+    for field in dataclasses.fields(config_type):
+        if dataclasses.is_dataclass(field.type if not isinstance(field.type, str) else None):
+            names |= flag_names(field.type)
+        elif field.name in ("model", "data"):
+            names |= flag_names(type(getattr(config_type(), field.name)))
+        else:
+            names.add(field.name)
+    return names
+
+
+def parse_flags(args: list[str], preset: str = "default") -> TrainConfig:
+    """``TrainConfig`` of ``preset`` with ``args`` (``--name=value`` flags) applied."""
+    base = train_preset(preset)
+    known = flag_names()
+    normalized = []
+    for arg in args:
+        if arg.startswith("--") and arg not in ("--help", "-h"):
+            name, _, value = arg[2:].partition("=")
+            name = name.replace("-", "_")
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"; did you mean --{close[0]}?" if close else "; see --help"
+                raise ConfigError(f"unknown flag --{name}{hint}")
+            if value.lower() in ("true", "false"):
+                value = value.capitalize()
+            arg = f"--{name}={value}" if _ else f"--{name}"
+        normalized.append(arg)
+    return tyro.cli(TrainConfig, default=base, args=normalized, config=_TYRO_OPTIONS,
+                    description="Train a rewired (or baseline) language model.")
