@@ -43,3 +43,12 @@ def test_data_benchmark_runs_and_writes_json(tmp_path):
     results = json.loads(out.read_text())
     assert results["byte_tokens_per_second"] > 0 and results["training_tokens_per_second"] > 0
     assert results["bpe_ratio"] > 0
+
+
+def test_train_step_benchmark_runs_and_writes_json(tmp_path):
+    out = tmp_path / "train_step.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--presets=tiny",
+                    "--steps=1", "--seq_len=32", "--batch_size=2", f"--out={out}"],
+                   check=True, capture_output=True, timeout=600)
+    row = json.loads(out.read_text())["presets"]["tiny"]
+    assert row["ratio"] > 0 and row["rewired_compile_seconds"] > 0
