@@ -15,15 +15,11 @@ import os
 import tempfile
 import time
 
-
 import jax
-from flax import nnx
+from train_step import measure  # benchmarks/train_step.py, beside this file
 
-from runway_jax import TransformerLM, model_preset
+from runway_jax import model_preset
 from runway_jax.data import DataConfig, make_dataset, make_tokenizer
-from runway_jax.training import TrainConfig
-from runway_jax.training.optimizer import make_optimizer
-from runway_jax.training.steps import train_step
 
 
 def pipeline_rate(config, tokenizer, batches):
