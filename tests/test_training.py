@@ -135,3 +135,14 @@ def test_main_with_defaults_help_lists_flags():
     result = run_main("--help")
     listed = result.stdout.replace("-", "_")  # tyro shows --seq-len; both spellings are accepted
     assert result.returncode == 0 and all(f"__{name}" in listed for name in ("beta", "seq_len", "steps", "rewire"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    from runway_jax.training.loop import NonFiniteLoss
+
+    config = tiny(lr=1e9, warmup_steps=0, grad_clip=0.0, checkpoint_every=1, steps=30)
+    with pytest.raises(NonFiniteLoss, match="the loss became (nan|inf) at step (\\d+)") as error:
+        train_and_evaluate(config, str(tmp_path), log=lambda *_: None)
+    bad_step = int(str(error.value).split("at step ")[1].split(";")[0])
+    saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+    assert saved and max(saved) == bad_step - 1  # every good step saved, the bad one never
