@@ -14,19 +14,20 @@ import difflib
 
 import tyro
 
+from runway_jax.config import ModelConfig
+from runway_jax.data import DataConfig
 from runway_jax.training.config import ConfigError, TrainConfig, train_preset
 
 _TYRO_OPTIONS = (tyro.conf.OmitArgPrefixes, tyro.conf.FlagConversionOff)
 
 
-def flag_names(config_type=TrainConfig) -> set[str]:
-    """Every flag name (nested dataclass fields flattened, as tyro names them)."""
+def flag_names() -> set[str]:
+    """Every flag name: the training fields and the model's and data's, flattened as tyro does."""
+    nested = {"model": ModelConfig, "data": DataConfig}
     names = set()
-    for field in dataclasses.fields(config_type):
-        if dataclasses.is_dataclass(field.type if not isinstance(field.type, str) else None):
-            names |= flag_names(field.type)
-        elif field.name in ("model", "data"):
-            names |= flag_names(type(getattr(config_type(), field.name)))
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in nested:
+            names |= {inner.name for inner in dataclasses.fields(nested[field.name])}
         else:
             names.add(field.name)
     return names
@@ -39,7 +40,7 @@ def parse_flags(args: list[str], preset: str = "default") -> TrainConfig:
     normalized = []
     for arg in args:
         if arg.startswith("--") and arg not in ("--help", "-h"):
-            name, _, value = arg[2:].partition("=")
+            name, separator, value = arg[2:].partition("=")
             name = name.replace("-", "_")
             if name not in known:
                 close = difflib.get_close_matches(name, known, n=1)
@@ -47,7 +48,7 @@ def parse_flags(args: list[str], preset: str = "default") -> TrainConfig:
                 raise ConfigError(f"unknown flag --{name}{hint}")
             if value.lower() in ("true", "false"):
                 value = value.capitalize()
-            arg = f"--{name}={value}" if _ else f"--{name}"
+            arg = f"--{name}={value}" if separator else f"--{name}"
         normalized.append(arg)
     return tyro.cli(TrainConfig, default=base, args=normalized, config=_TYRO_OPTIONS,
                     description="Train a rewired (or baseline) language model.")
