@@ -16,7 +16,6 @@ log(time) against log(T). METHOD (3c) puts the floor of the time ratio near 1.2x
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from runway_jax import attention
+from common import write_results  # benchmarks/common.py
 
 VARIANTS = {
     "causal": lambda q, k, v, rq, rk: attention.causal_attention(q, k, v, implementation="xla"),
@@ -99,10 +99,7 @@ def main(argv=None):
             }
             exponents = ", ".join(f"{n} {e:.2f}" for n, e in results["growth_exponents"][mode].items())
             print(f"time growth exponent in T ({mode}): {exponents}")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(results, handle, indent=2)
-    print(f"wrote {args.out}")
+    write_results(results, args.out)
     plot(results, os.path.splitext(args.out)[0] + ".png")
     return results
 

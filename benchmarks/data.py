@@ -10,16 +10,16 @@ means the pipeline is not the bottleneck.
 """
 
 import argparse
-import json
 import os
 import tempfile
 import time
 
 import jax
-from train_step import measure  # benchmarks/train_step.py, beside this file
 
 from runway_jax import model_preset
 from runway_jax.data import DataConfig, make_dataset, make_tokenizer
+from common import write_results  # benchmarks/common.py
+from train_step import measure  # benchmarks/train_step.py, beside this file
 
 
 def pipeline_rate(config, tokenizer, batches):
@@ -75,10 +75,7 @@ def main(argv=None):
     for name in ("byte", "bpe"):
         results[f"{name}_ratio"] = results[f"{name}_tokens_per_second"] / results["training_tokens_per_second"]
         print(f"{name} pipeline / training = {results[f'{name}_ratio']:.1f}x")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(results, handle, indent=2)
-    print(f"wrote {args.out}")
+    write_results(results, args.out)
     return results
 
 

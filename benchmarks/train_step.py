@@ -11,7 +11,6 @@ ratio rewired / baseline (target: >= 0.85).
 
 import argparse
 import functools
-import json
 import os
 import time
 
@@ -23,6 +22,7 @@ from runway_jax.data import DataConfig, make_dataset, make_tokenizer
 from runway_jax.training import TrainConfig
 from runway_jax.training.optimizer import make_optimizer
 from runway_jax.training.steps import train_step
+from common import write_results  # benchmarks/common.py
 
 
 def measure(model_config, data_config, batch, steps):
@@ -70,10 +70,7 @@ def main(argv=None):
               f"(compile {row['rewired_compile_seconds']:.1f} s), baseline "
               f"{row['baseline_tokens_per_second']:,.0f} tokens/s (compile "
               f"{row['baseline_compile_seconds']:.1f} s), ratio {row['ratio']:.2f}x", flush=True)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(results, handle, indent=2)
-    print(f"wrote {args.out}")
+    write_results(results, args.out)
     return results
 
 
