@@ -34,13 +34,14 @@ def measure(model_config, data_config, batch, steps):
     step = jax.jit(functools.partial(train_step, graphdef=graphdef, abstract_state=state,
                                      optimizer=optimizer, z_loss=0.0, grad_accum_steps=1))
     start = time.perf_counter()
-    compiled = step.lower(params, opt_state, batch).compile()
+    step_count = jax.numpy.int32(0)
+    compiled = step.lower(params, opt_state, step_count, batch).compile()
     compile_seconds = time.perf_counter() - start
-    params, opt_state, metrics = compiled(params, opt_state, batch)  # warm-up
+    params, opt_state, step_count, metrics = compiled(params, opt_state, step_count, batch)  # warm-up
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(steps):
-        params, opt_state, metrics = compiled(params, opt_state, batch)
+        params, opt_state, step_count, metrics = compiled(params, opt_state, step_count, batch)
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - start) / steps
     return data_config.batch_size * data_config.seq_len / seconds, compile_seconds

@@ -124,21 +124,25 @@ def test_iterator_checkpoint_resumes_at_the_identical_next_batch(tmp_path, packi
             np.testing.assert_array_equal(got[key], want[key])
 
 
-def test_process_shards_are_disjoint_and_cover_the_rows(tmp_path):
-    """Each process reads its own shard; together the shards are exactly the rows one process
-    reads (one epoch, a local batch of one row so nothing is dropped)."""
+def test_process_shards_split_every_global_batch(tmp_path):
+    """Each process reads its own block of rows; together, step by step, the blocks are exactly
+    the global batches that a single process reads (so multi-host runs reproduce one host)."""
     paths = write_files(tmp_path)
+    config = DataConfig(source=paths["jsonl"], validation_source=paths["parquet"], seq_len=16,
+                        batch_size=6, packing="chunk", shuffle_seed=3)
 
-    def rows(index, total):
-        config = DataConfig(source=paths["jsonl"], validation_source=paths["parquet"], seq_len=16,
-                            batch_size=total, packing="chunk")
+    def batches(index, total):
         dataset = make_dataset(config, "train", ByteTokenizer(), process_index=index,
-                               process_count=total, num_epochs=1)
-        return [tuple(row) for batch in dataset for row in batch["inputs"]]
+                               process_count=total, num_epochs=2)
+        return [batch["inputs"] for batch in dataset]
 
-    shards = [rows(i, 3) for i in range(3)]
-    assert all(set(a).isdisjoint(b) for i, a in enumerate(shards) for b in shards[i + 1:])
-    assert sorted(sum(shards, [])) == sorted(rows(0, 1))
+    single = batches(0, 1)
+    shards = [batches(i, 3) for i in range(3)]
+    assert len(single) > 3 and all(len(shard) == len(single) for shard in shards)
+    for step, whole in enumerate(single):
+        np.testing.assert_array_equal(np.concatenate([shard[step] for shard in shards]), whole)
+        rows = [tuple(r) for shard in shards for r in shard[step]]
+        assert len(set(rows)) == len(rows)  # disjoint within the step
 
 
 def test_training_order_is_seeded_and_reshuffled_each_epoch(tmp_path):

@@ -146,3 +146,29 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     bad_step = int(str(error.value).split("at step ")[1].split(";")[0])
     saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
     assert saved and max(saved) == bad_step - 1  # every good step saved, the bad one never
+
+
+@pytest.mark.slow
+def test_two_processes_on_localhost_match_one_process(tmp_path):
+    """A real multi-host run: two processes joined by jax.distributed.initialize (CPU, gloo), one
+    device each, each reading only its block of every global batch."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    flags = ["--preset=tiny", "--source=recall", "--seq_len=48", "--batch_size=8", "--recall_pairs=8",
+             "--steps=6", "--log_every=1", "--checkpoint_every=3", "--eval_every=100"]
+    command = [sys.executable, str(ROOT / "train" / "main.py"), *flags]
+    environment = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    subprocess.run(command + [f"--workdir={tmp_path / 'one'}"], env=environment, check=True,
+                   capture_output=True, timeout=600)
+    hosts = [subprocess.Popen(command + [f"--workdir={tmp_path / 'two'}", "--distributed=true",
+                                         f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                                         f"--process_id={i}"],
+                              env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outputs = [host.communicate(timeout=600)[0] for host in hosts]
+    assert all(host.returncode == 0 for host in hosts), outputs[0][-2000:] + outputs[1][-2000:]
+    assert "on 2 cpu device(s)" in outputs[0]
+    np.testing.assert_allclose(losses_of(tmp_path / "two"), losses_of(tmp_path / "one"), rtol=2e-5)

@@ -16,6 +16,7 @@ from runway_jax.training import train_and_evaluate
 from runway_jax.training.checkpoint import CheckpointError
 from runway_jax.training.cli import parse_flags
 from runway_jax.training.config import ConfigError
+from runway_jax.training.distributed import initialize_distributed
 from runway_jax.training.loop import NonFiniteLoss
 
 
@@ -27,6 +28,7 @@ def main(argv=None) -> int:
     known, rest = first.parse_known_args(argv)
     try:
         config = parse_flags(rest, known.preset)
+        initialize_distributed(config)
         result = train_and_evaluate(config, known.workdir)
     except (ConfigError, DataError, CheckpointError, NonFiniteLoss) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -18,7 +18,8 @@ Packing (``DataConfig.packing``):
 
 Either way the iterator's state is Grain's own (``iterator.get_state()`` /
 ``iterator.set_state(state)``), so training resumes at exactly the next batch, and each JAX
-process reads only its shard (``process_index::process_count``) of the rows or documents.
+process reads only its part: with "chunk" its block of every global batch (so the global batches
+do not depend on the number of processes), with "pack" every ``process_count``-th document.
 """
 
 from __future__ import annotations
@@ -273,14 +274,26 @@ def _padded(tokens, scored, row_length, pad_id):
 
 
 def _finish(rows, config, train, process_index, process_count, num_epochs):
-    rows = rows[process_index::process_count]
-    if len(rows) < config.batch_size // process_count:
-        raise DataError(f"the data has {len(rows)} rows for process {process_index}, fewer than one "
-                        f"batch of {config.batch_size // process_count}; lower batch_size or seq_len.")
+    """Shuffle (per epoch) and repeat all rows, then give this process its block of every global
+    batch: global batch b is rows ``[b * G, (b + 1) * G)`` of the shuffled order and process p
+    reads only rows ``b * G + p * L ... + L - 1`` (L = G / process_count). The global batches are
+    therefore the same whatever the number of processes, so a multi-host run reproduces a
+    single-host one."""
+    global_batch = config.batch_size
+    local_batch = global_batch // process_count
+    if len(rows) < global_batch:
+        raise DataError(f"the data has {len(rows)} rows, fewer than one batch of {global_batch}; "
+                        "lower batch_size or seq_len.")
     if train:
         rows = rows.shuffle(seed=config.shuffle_seed)
     rows = rows.repeat(num_epochs)
-    return _batch(rows.to_iter_dataset(), config, process_count)
+    offset = process_index * local_batch
+
+    def own_row(index):
+        return rows[index // local_batch * global_batch + offset + index % local_batch]
+
+    own_rows = grain.MapDataset.range(len(rows) // global_batch * local_batch).map(own_row)
+    return _batch(own_rows.to_iter_dataset(), config, process_count)
 
 
 def _batch(dataset, config, process_count):

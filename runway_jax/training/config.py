@@ -39,6 +39,10 @@ class TrainConfig:
     mesh_fsdp: int = 1  # parameters sharded (FSDP) over this axis, batch too
     mesh_model: int = 1  # tensor parallel over heads and MLP
     peak_flops_per_device: Optional[float] = None  # for the MFU estimate; None: not printed
+    distributed: bool = False  # jax.distributed.initialize (automatic on a detected pod)
+    coordinator_address: Optional[str] = None  # host:port of process 0; None: from the cluster
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
 
     def __post_init__(self):
         positive = ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",

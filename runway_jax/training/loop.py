@@ -19,6 +19,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
@@ -101,7 +102,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, devices=None, log=p
     graphdef, state = nnx.split(model)
     abstract_state = nnx.state(nnx.eval_shape(lambda: TransformerLM(config.model, rngs=nnx.Rngs(0))))
     param_shardings = nnx.to_pure_dict(state_shardings(state, mesh))
-    params = jax.device_put(nnx.to_pure_dict(state), param_shardings)
+    # From host copies: every process holds the same initial values (same seed), and
+    # device_put of host data is how a global array is built across processes.
+    params = jax.device_put(jax.tree.map(np.asarray, nnx.to_pure_dict(state)), param_shardings)
     del model, state
     optimizer = make_optimizer(config)
     opt_state = jax.jit(optimizer.init)(params)
@@ -109,7 +112,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, devices=None, log=p
                    "rng": jax.random.key_data(jax.random.key(config.seed))}
     replicated = NamedSharding(mesh, PartitionSpec())
     train_state = jax.tree.map(  # scalars such as Adam's count: replicated over the mesh too
-        lambda x: x if getattr(x.sharding, "mesh", None) == mesh else jax.device_put(x, replicated),
+        lambda x: x if getattr(x.sharding, "mesh", None) == mesh else jax.device_put(np.asarray(x), replicated),
         train_state)
     iterator = iter(train_data)
 
@@ -130,7 +133,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, devices=None, log=p
     batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     step_fn = jax.jit(functools.partial(
         train_step, graphdef=graphdef, abstract_state=abstract_state, optimizer=optimizer,
-        z_loss=config.z_loss, grad_accum_steps=config.grad_accum_steps), donate_argnums=(0, 1))
+        z_loss=config.z_loss, grad_accum_steps=config.grad_accum_steps), donate_argnums=(0, 1, 2))
     evaluate_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, abstract_state=abstract_state))
     schedule = learning_rate_schedule(config)
     tokens_per_step = config.data.batch_size * config.data.seq_len
@@ -166,14 +169,15 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, devices=None, log=p
         for step in range(start_step, config.steps):
             step_start = time.perf_counter()
             batch = to_global(next(iterator))
-            params, opt_state, metrics = step_fn(train_state["params"], train_state["opt_state"], batch)
+            params, opt_state, step_count, metrics = step_fn(
+                train_state["params"], train_state["opt_state"], train_state["step"], batch)
             loss = float(metrics["loss"])  # syncs every step: a bad loss is caught before any save
             if not math.isfinite(loss):
                 checkpoints.wait()
                 raise NonFiniteLoss(
                     f"the loss became {loss} at step {step + 1}; the last good checkpoint "
                     f"({checkpoints.latest_step()}) is kept; lower --lr or raise --warmup_steps.")
-            train_state = {"params": params, "opt_state": opt_state, "step": jnp.int32(step + 1),
+            train_state = {"params": params, "opt_state": opt_state, "step": step_count,
                            "rng": train_state["rng"]}
             losses.append(loss)
             window_seconds += time.perf_counter() - step_start
@@ -212,6 +216,8 @@ def _duration(seconds):
 
 
 def _write_json(path, data):
+    if jax.process_index() != 0:  # one writer per file on a shared filesystem
+        return
     temporary = f"{path}.tmp"
     with open(temporary, "w") as handle:
         json.dump(data, handle, indent=2)

@@ -35,9 +35,12 @@ def loss_and_metrics(params, batch, graphdef, abstract_state, z_loss):
     return total, {"loss": loss, "tokens": mask.sum()}
 
 
-def train_step(params, opt_state, batch, *, graphdef, abstract_state, optimizer, z_loss,
+def train_step(params, opt_state, step, batch, *, graphdef, abstract_state, optimizer, z_loss,
                grad_accum_steps):
-    """One optimizer step on a (global) batch, accumulating over ``grad_accum_steps`` slices."""
+    """One optimizer step on a (global) batch, accumulating over ``grad_accum_steps`` slices.
+
+    Returns ``(params, opt_state, step + 1, metrics)``; the step counter is advanced on device so
+    that it stays a proper global array on multi-host meshes."""
     grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
 
     def micro(batch_part):
@@ -60,7 +63,7 @@ def train_step(params, opt_state, batch, *, graphdef, abstract_state, optimizer,
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    return params, opt_state, metrics
+    return params, opt_state, step + 1, metrics
 
 
 def eval_step(params, batch, *, graphdef, abstract_state):
