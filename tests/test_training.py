@@ -52,6 +52,8 @@ def test_tiny_run_learns_and_writes_its_files(tmp_path):
     assert any("validation_loss" in r for r in records)
     assert json.loads((tmp_path / "config.json").read_text())["model"]["rewire"] is True
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["20", "40"]
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 100
 
 
 def test_sigterm_saves_and_the_resumed_run_is_bitwise_identical(tmp_path):

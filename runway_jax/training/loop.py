@@ -1,7 +1,8 @@
 """``train_and_evaluate(config, workdir)``: sharded training with Orbax checkpoints and exact resume.
 
 Files in ``workdir``: ``config.json`` (the resolved config), ``metrics.jsonl`` (one JSON object
-per logged step and per validation), ``checkpoints/`` (Orbax), and ``tokenizer.json`` for BPE.
+per logged step and per validation) and the same scalars in ``tensorboard/``, ``checkpoints/``
+(Orbax), and ``tokenizer.json`` for BPE.
 A second call on the same workdir resumes from the latest checkpoint: parameters, optimizer
 state, step, RNG and the Grain iterator state come back, so the losses continue bitwise as if the
 run had never stopped (on CPU). SIGTERM/SIGINT finish the current step, save and return.
@@ -28,6 +29,7 @@ from runway_jax.model import TransformerLM, count_parameters
 from runway_jax.sharding import state_shardings
 from runway_jax.training.checkpoint import Checkpoints
 from runway_jax.training.config import ConfigError, TrainConfig
+from runway_jax.training.metrics import MetricsLog
 from runway_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from runway_jax.training.steps import eval_step, train_step
 
@@ -138,7 +140,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, devices=None, log=p
     schedule = learning_rate_schedule(config)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops = flops_per_token(config)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    metrics_log = MetricsLog(workdir)
 
     def to_global(batch):
         return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
@@ -152,7 +154,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, devices=None, log=p
             tokens += float(metrics["tokens"])
         loss = total / max(tokens, 1.0)
         record = {"step": step, "validation_loss": loss, "validation_perplexity": math.exp(min(loss, 50))}
-        _append_jsonl(metrics_path, record)
+        metrics_log.write(record)
         log(f"step {step:6d}  validation loss {loss:.4f}  perplexity {record['validation_perplexity']:.2f}")
         return record
 
@@ -189,7 +191,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, devices=None, log=p
                           "tokens_per_second": rate, "grad_norm": float(metrics["grad_norm"])}
                 if config.peak_flops_per_device:
                     record["mfu"] = rate * flops / (config.peak_flops_per_device * mesh.devices.size)
-                _append_jsonl(metrics_path, record)
+                metrics_log.write(record)
                 eta = (config.steps - done) * window_seconds / window_steps
                 mfu = f"  mfu {record['mfu']:.1%}" if "mfu" in record else ""
                 log(f"step {done:6d}/{config.steps}  loss {loss:.4f}  lr {record['learning_rate']:.2e}  "
@@ -206,6 +208,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, devices=None, log=p
                 save(done)
     checkpoints.wait()
     checkpoints.close()
+    metrics_log.close()
     return {"losses": losses, "final_step": int(train_state["step"]), "validation": last_validation,
             "stopped_by": stop_reason}
 
@@ -222,9 +225,3 @@ def _write_json(path, data):
     with open(temporary, "w") as handle:
         json.dump(data, handle, indent=2)
     os.replace(temporary, path)
-
-
-def _append_jsonl(path, record):
-    if jax.process_index() == 0:
-        with open(path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
