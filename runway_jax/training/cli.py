@@ -4,13 +4,16 @@ configs is a flat flag (``--steps=``, ``--beta=``, ``--seq_len=``, ...).
 tyro builds the flags from the dataclasses' types and defaults, so a new config field is a new
 flag with no parsing code, and ``--help`` lists them all with their defaults. Around it: the
 preset is chosen first (its values become the defaults), unknown flags get a one-line error with
-the closest flag, and ``true``/``false`` are accepted for booleans.
+the closest flag, ``true``/``false`` are accepted for booleans, and values are validated by the
+config classes after parsing so that a bad value is a one-line error too. (A value of the wrong
+type, e.g. ``--steps=abc``, is still reported by tyro itself, in its multi-line box, exit code 2.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 
 import tyro
 
@@ -34,7 +37,10 @@ def flag_names() -> set[str]:
 
 
 def parse_flags(args: list[str], preset: str = "default") -> TrainConfig:
-    """``TrainConfig`` of ``preset`` with ``args`` (``--name=value`` flags) applied."""
+    """``TrainConfig`` of ``preset`` with ``args`` (``--name=value`` flags) applied.
+
+    tyro parses into unvalidated mirrors of the config classes; the real configs are built
+    afterwards, so a bad value is reported by their own validation as a one-line error."""
     base = train_preset(preset)
     known = flag_names()
     normalized = []
@@ -50,5 +56,29 @@ def parse_flags(args: list[str], preset: str = "default") -> TrainConfig:
                 value = value.capitalize()
             arg = f"--{name}={value}" if separator else f"--{name}"
         normalized.append(arg)
-    return tyro.cli(TrainConfig, default=base, args=normalized, config=_TYRO_OPTIONS,
-                    description="Train a rewired (or baseline) language model.")
+    parsed = tyro.cli(_mirror(TrainConfig, base), args=normalized, config=_TYRO_OPTIONS,
+                      description="Train a rewired (or baseline) language model.")
+    values = {field.name: getattr(parsed, field.name) for field in dataclasses.fields(parsed)}
+    try:
+        values["model"] = ModelConfig(**dataclasses.asdict(values["model"]))
+        values["data"] = DataConfig(**dataclasses.asdict(values["data"]))
+        return TrainConfig(**values)
+    except ConfigError:
+        raise
+    except ValueError as error:  # ModelConfig / DataConfig validation
+        raise ConfigError(str(error)) from None
+
+
+def _mirror(config_type, default):
+    """A frozen dataclass with ``config_type``'s fields and types, ``default``'s values as
+    defaults, and no validation."""
+    hints = typing.get_type_hints(config_type)
+    fields = []
+    for field in dataclasses.fields(config_type):
+        value = getattr(default, field.name)
+        if dataclasses.is_dataclass(value):
+            nested = _mirror(type(value), value)
+            fields.append((field.name, nested, dataclasses.field(default=nested())))
+        else:
+            fields.append((field.name, hints[field.name], dataclasses.field(default=value)))
+    return dataclasses.make_dataclass(config_type.__name__, fields, frozen=True)
