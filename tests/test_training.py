@@ -182,3 +182,16 @@ def test_two_processes_on_localhost_match_one_process(tmp_path):
     assert all(host.returncode == 0 for host in hosts), outputs[0][-2000:] + outputs[1][-2000:]
     assert "on 2 cpu device(s)" in outputs[0]
     np.testing.assert_allclose(losses_of(tmp_path / "two"), losses_of(tmp_path / "one"), rtol=2e-5)
+
+
+def test_mfu_peak_comes_from_the_flag_or_the_device_kind():
+    from types import SimpleNamespace
+
+    from runway_jax.training.loop import flops_per_token, peak_flops_per_device
+
+    assert peak_flops_per_device(tiny(), SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")) == 989e12
+    assert peak_flops_per_device(tiny(), SimpleNamespace(device_kind="cpu")) is None
+    assert peak_flops_per_device(tiny(peak_flops_per_device=5e12), SimpleNamespace(device_kind="cpu")) == 5e12
+    config = tiny()
+    from runway_jax.model import count_parameters
+    assert flops_per_token(config) > 6 * count_parameters(config.model)

@@ -38,7 +38,7 @@ class TrainConfig:
     mesh_data: int = -1  # devices on the data axis; -1: all devices not used by the others
     mesh_fsdp: int = 1  # parameters sharded (FSDP) over this axis, batch too
     mesh_model: int = 1  # tensor parallel over heads and MLP
-    peak_flops_per_device: Optional[float] = None  # for the MFU estimate; None: not printed
+    peak_flops_per_device: Optional[float] = None  # for MFU; None: known GPU/TPU kinds, else no MFU
     distributed: bool = False  # jax.distributed.initialize (automatic on a detected pod)
     coordinator_address: Optional[str] = None  # host:port of process 0; None: from the cluster
     num_processes: Optional[int] = None

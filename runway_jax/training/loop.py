@@ -64,6 +64,20 @@ def flops_per_token(config: TrainConfig) -> float:
     return 6 * count_parameters(model) + 12 * model.num_layers * config.data.seq_len * model.features
 
 
+# Dense bf16 peak FLOP/s per chip, by jax.Device.device_kind prefix (vendors' data sheets).
+PEAK_FLOPS = {"NVIDIA H200": 989e12, "NVIDIA H100": 989e12, "NVIDIA A100": 312e12,
+              "TPU v6": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+              "TPU v4": 275e12}
+
+
+def peak_flops_per_device(config: TrainConfig, device) -> float | None:
+    """The flag's value, else the data-sheet peak of ``device``'s kind, else None (e.g. CPUs)."""
+    if config.peak_flops_per_device:
+        return config.peak_flops_per_device
+    kind = getattr(device, "device_kind", "")
+    return next((peak for prefix, peak in PEAK_FLOPS.items() if kind.startswith(prefix)), None)
+
+
 class _Stop:
     """Remembers a SIGTERM/SIGINT so the loop can finish its step and save (preemption)."""
 
@@ -140,6 +154,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, devices=None, log=p
     schedule = learning_rate_schedule(config)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops = flops_per_token(config)
+    peak = peak_flops_per_device(config, mesh.devices.flat[0])
     metrics_log = MetricsLog(workdir)
 
     def to_global(batch):
@@ -189,8 +204,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, devices=None, log=p
                 rate = window_steps * tokens_per_step / window_seconds
                 record = {"step": done, "loss": loss, "learning_rate": float(schedule(step)),
                           "tokens_per_second": rate, "grad_norm": float(metrics["grad_norm"])}
-                if config.peak_flops_per_device:
-                    record["mfu"] = rate * flops / (config.peak_flops_per_device * mesh.devices.size)
+                if peak:
+                    record["mfu"] = rate * flops / (peak * mesh.devices.size)
                 metrics_log.write(record)
                 eta = (config.steps - done) * window_seconds / window_steps
                 mfu = f"  mfu {record['mfu']:.1%}" if "mfu" in record else ""
