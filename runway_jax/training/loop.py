@@ -221,6 +221,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, devices=None, log=p
                 break
             if done % config.checkpoint_every == 0 or done == config.steps or done in config.milestones:
                 save(done)
+    if start_step >= config.steps:  # already trained: still report where the model stands
+        log(f"the workdir is already at step {start_step} of {config.steps}; nothing to train")
+        last_validation = validate(start_step)
     checkpoints.wait()
     checkpoints.close()
     metrics_log.close()
