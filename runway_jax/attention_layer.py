@@ -141,13 +141,7 @@ def multi_head_attention(x, weights, config: AttentionConfig, *, positions=None,
     batch, length, _ = x.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-    x = x.astype(dtype)
-    query = jnp.einsum("btD,DHd->btHd", x, weights["query"].astype(dtype))
-    key = jnp.einsum("btD,DKd->btKd", x, weights["key"].astype(dtype))
-    value = jnp.einsum("btD,DKd->btKd", x, weights["value"].astype(dtype))
-    if config.position == "rope":
-        query = apply_rope(query, positions, base=config.rope_base)
-        key = apply_rope(key, positions, base=config.rope_base)
+    query, key, value = project(x, weights, config, positions, dtype)
     slopes = alibi_slopes(config.num_heads) if config.position == "alibi" else None
     common = dict(segment_ids=segment_ids, implementation=config.implementation)
 
@@ -176,6 +170,19 @@ def multi_head_attention(x, weights, config: AttentionConfig, *, positions=None,
                 alibi_slopes=None if slopes is None else slopes[-1:], **common)
             heads = jnp.concatenate([heads, runway_output], axis=2)
     return jnp.einsum("btHd,HdD->btD", heads, weights["out"].astype(dtype))
+
+
+def project(x, weights, config: AttentionConfig, positions, dtype):
+    """Queries ``[B, T, H, d]``, keys and values ``[B, T, H_kv (+1), d]`` of ``x``, with RoPE
+    applied to every query and key (the runway head's are the last ones)."""
+    x = x.astype(dtype)
+    query = jnp.einsum("btD,DHd->btHd", x, weights["query"].astype(dtype))
+    key = jnp.einsum("btD,DKd->btKd", x, weights["key"].astype(dtype))
+    value = jnp.einsum("btD,DKd->btKd", x, weights["value"].astype(dtype))
+    if config.position == "rope":
+        query = apply_rope(query, positions, base=config.rope_base)
+        key = apply_rope(key, positions, base=config.rope_base)
+    return query, key, value
 
 
 def init_weights(config: AttentionConfig, key, param_dtype=jnp.float32):

@@ -93,17 +93,24 @@ class TransformerLM(nnx.Module):
                 raise ValueError(f"TransformerLM: {name}.shape={array.shape} must equal tokens.shape={tokens.shape}.")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        dtype = self.config.compute_dtype
-        x = jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)  # [B, T, D]
+        x = self.embed(tokens)
         for block in self.blocks:
             x = block(x, positions=positions, segment_ids=segment_ids)
+        return self.logits(x)
+
+    def embed(self, tokens):
+        """Token ids ``[B, T]`` -> ``[B, T, D]`` in the compute dtype."""
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.config.compute_dtype)
+
+    def logits(self, x):
+        """Final norm and output head: ``[B, T, D]`` -> float32 ``[B, T, V]``."""
         x = self.final_norm(x)
         if self.config.tie_embeddings:
             # Scaled so tied logits start at unit variance like the untied head's.
             unembedding = self.embedding[...].T / math.sqrt(self.config.features)
         else:
             unembedding = self.unembedding[...]
-        return jnp.einsum("btD,DV->btV", x, unembedding.astype(dtype),
+        return jnp.einsum("btD,DV->btV", x, unembedding.astype(self.config.compute_dtype),
                           preferred_element_type=jnp.float32)
 
 
