@@ -16,8 +16,11 @@ Shape letters: B batch, S cache length, K key/value heads, G query heads per K, 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from runway_jax.attention_layer import project
 from runway_jax.masking import MASK_VALUE
@@ -120,3 +123,69 @@ def _softmax(logits, visible):
     """Float32 softmax over the visible cache positions (the rest exactly 0)."""
     probs = jax.nn.softmax(jnp.where(visible, logits.astype(jnp.float32), MASK_VALUE), axis=-1)
     return jnp.where(visible, probs, 0.0)
+
+
+def generate(model, prompt, *, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, rng=None,
+             cache_length: int | None = None):
+    """Continue ``prompt`` ``[B, P]`` by ``max_new_tokens`` tokens: greedy when ``temperature``
+    is 0, else sampled (optionally restricted to the ``top_k`` tokens and/or the smallest set
+    of tokens whose probability reaches ``top_p``). Returns ``[B, P + max_new_tokens]``.
+
+    One jit-compiled program with a fixed-size cache (``cache_length``, default just enough);
+    the prompt is fed through the same cached step, one position at a time."""
+    if max_new_tokens < 1 or temperature < 0 or (top_k is not None and top_k < 1) or (
+            top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1, temperature="
+                         f"{temperature} >= 0, top_k={top_k} >= 1 and top_p={top_p} in (0, 1].")
+    length = prompt.shape[1] + max_new_tokens
+    cache_length = cache_length or length
+    if cache_length < length:
+        raise ValueError(f"generate: cache_length={cache_length} is shorter than prompt + new tokens = {length}.")
+    graphdef, state = nnx.split(model)
+    rng = jax.random.key(0) if rng is None else rng
+    return _generate(graphdef, state, prompt, rng, max_new_tokens, float(temperature), top_k, top_p,
+                     cache_length)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8))
+def _generate(graphdef, state, prompt, rng, max_new_tokens, temperature, top_k, top_p, cache_length):
+    model = nnx.merge(graphdef, state)
+    batch, prompt_length = prompt.shape
+
+    def feed(cache, inputs):
+        token, position = inputs
+        logits, cache = decode_step(model, cache, token, position)
+        return cache, logits
+
+    cache, prompt_logits = jax.lax.scan(feed, init_cache(model, batch, cache_length),
+                                        (prompt.T, jnp.arange(prompt_length)))
+
+    def extend(carry, position):
+        cache, logits, key = carry
+        key, sample_key = jax.random.split(key)
+        token = _sample(logits, sample_key, temperature, top_k, top_p)
+        logits, cache = decode_step(model, cache, token, position)
+        return (cache, logits, key), token
+
+    positions = jnp.arange(prompt_length, prompt_length + max_new_tokens)
+    _, new_tokens = jax.lax.scan(extend, (cache, prompt_logits[-1], rng), positions)
+    return jnp.concatenate([prompt, new_tokens.T.astype(prompt.dtype)], axis=1)
+
+
+def _sample(logits, key, temperature, top_k, top_p):
+    """One token per row from float32 logits ``[B, V]``."""
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits >= kth, logits, MASK_VALUE)
+    if top_p is not None:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_probs = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), order, axis=-1)
+        # Keep a token if the probability mass before it is still below top_p (the first always).
+        keep_sorted = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs < top_p
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, MASK_VALUE)
+    return jax.random.categorical(key, logits, axis=-1)

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from runway_jax.config import model_preset
-from runway_jax.decoding import decode_step, init_cache
+from runway_jax.decoding import decode_step, generate, init_cache
 from runway_jax.model import TransformerLM
 
 
@@ -29,3 +29,29 @@ def test_cached_decoding_matches_the_full_forward(overrides):
         logits, cache = step(model, cache, tokens[:, position], position)
         np.testing.assert_allclose(logits, full[:, position], atol=2e-5, rtol=0,
                                    err_msg=f"position {position}")
+
+
+def test_greedy_generation_equals_argmax_over_full_forward_passes():
+    config = model_preset("tiny")
+    model = TransformerLM(config, rngs=nnx.Rngs(3))
+    prompt = jax.random.randint(jax.random.key(4), (2, 5), 0, config.vocab_size)
+    generated = generate(model, prompt, max_new_tokens=6)
+    naive = prompt
+    for _ in range(6):
+        naive = jnp.concatenate([naive, jnp.argmax(model(naive)[:, -1], -1)[:, None]], axis=1)
+    np.testing.assert_array_equal(generated, naive)
+
+
+def test_sampling_is_seeded_and_truncation_limits_the_choices():
+    config = model_preset("tiny")
+    model = TransformerLM(config, rngs=nnx.Rngs(5))
+    prompt = jnp.zeros((3, 4), jnp.int32)
+    greedy = generate(model, prompt, max_new_tokens=5)
+    key = jax.random.key(7)
+    sampled = generate(model, prompt, max_new_tokens=5, temperature=1.0, rng=key)
+    np.testing.assert_array_equal(sampled, generate(model, prompt, max_new_tokens=5, temperature=1.0, rng=key))
+    assert not np.array_equal(sampled, greedy)  # 15 draws from ~512 tokens
+    np.testing.assert_array_equal(generate(model, prompt, max_new_tokens=5, temperature=1.0, top_k=1, rng=key), greedy)
+    np.testing.assert_array_equal(generate(model, prompt, max_new_tokens=5, temperature=1.0, top_p=1e-6, rng=key), greedy)
+    with pytest.raises(ValueError, match="cache_length"):
+        generate(model, prompt, max_new_tokens=5, cache_length=6)
