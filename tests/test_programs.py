@@ -52,3 +52,12 @@ def test_train_step_benchmark_runs_and_writes_json(tmp_path):
                    check=True, capture_output=True, timeout=600)
     row = json.loads(out.read_text())["presets"]["tiny"]
     assert row["ratio"] > 0 and row["rewired_compile_seconds"] > 0
+
+
+def test_decode_benchmark_runs_and_writes_json(tmp_path):
+    out = tmp_path / "decode.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--lengths=16",
+                    "--tokens=2", "--preset=tiny", f"--out={out}"],
+                   check=True, capture_output=True, timeout=600)
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["cache_length"] == 16 and row["ratio"] > 0
