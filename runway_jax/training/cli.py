@@ -5,14 +5,16 @@ tyro builds the flags from the dataclasses' types and defaults, so a new config 
 flag with no parsing code, and ``--help`` lists them all with their defaults. Around it: the
 preset is chosen first (its values become the defaults), unknown flags get a one-line error with
 the closest flag, ``true``/``false`` are accepted for booleans, and values are validated by the
-config classes after parsing so that a bad value is a one-line error too. (A value of the wrong
-type, e.g. ``--steps=abc``, is still reported by tyro itself, in its multi-line box, exit code 2.)
+config classes after parsing, so that a bad value is a one-line error too; a value of the wrong
+type (``--steps=abc``) is found by parsing the flags one at a time and named in one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import io
 import typing
 
 import tyro
@@ -56,8 +58,15 @@ def parse_flags(args: list[str], preset: str = "default") -> TrainConfig:
                 value = value.capitalize()
             arg = f"--{name}={value}" if separator else f"--{name}"
         normalized.append(arg)
-    parsed = tyro.cli(_mirror(TrainConfig, base), args=normalized, config=_TYRO_OPTIONS,
-                      description="Train a rewired (or baseline) language model.")
+    mirror = _mirror(TrainConfig, base)
+    if "--help" in normalized or "-h" in normalized:
+        tyro.cli(mirror, args=normalized, config=_TYRO_OPTIONS,
+                 description="Train a rewired (or baseline) language model.")  # prints, exits 0
+    try:
+        parsed = _quiet_cli(mirror, normalized)
+    except SystemExit:
+        # tyro rejected a value (its own message is a multi-line box): find the flag alone.
+        raise ConfigError(_wrong_type_message(mirror, normalized)) from None
     values = {field.name: getattr(parsed, field.name) for field in dataclasses.fields(parsed)}
     try:
         values["model"] = ModelConfig(**dataclasses.asdict(values["model"]))
@@ -67,6 +76,26 @@ def parse_flags(args: list[str], preset: str = "default") -> TrainConfig:
         raise
     except ValueError as error:  # ModelConfig / DataConfig validation
         raise ConfigError(str(error)) from None
+
+
+def _quiet_cli(mirror, args):
+    """tyro.cli without its own error printing (we print one line instead)."""
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        return tyro.cli(mirror, args=args, config=_TYRO_OPTIONS, console_outputs=False)
+
+
+def _wrong_type_message(mirror, args) -> str:
+    types = {**typing.get_type_hints(ModelConfig), **typing.get_type_hints(DataConfig),
+             **typing.get_type_hints(TrainConfig)}
+    for arg in args:
+        if arg.startswith("--") and "=" in arg:
+            try:
+                _quiet_cli(mirror, [arg])
+            except SystemExit:
+                name, value = arg[2:].split("=", 1)
+                expected = getattr(types.get(name), "__name__", None) or str(types.get(name))
+                return f"--{name}={value!r} is not a valid {expected}; see --help."
+    return f"the flags {' '.join(args)} do not parse; see --help."
 
 
 def _mirror(config_type, default):
