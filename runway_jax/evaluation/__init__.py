@@ -1,0 +1,1 @@
+"""Evaluation: load trained workdirs, measure, and plot. Evaluation never trains."""

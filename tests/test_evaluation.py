@@ -1,0 +1,71 @@
+"""eval/: loading a trained workdir and the perplexity-vs-length evaluation."""
+
+import json
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from runway_jax.config import model_preset
+from runway_jax.data import DataConfig
+from runway_jax.evaluation import perplexity
+from runway_jax.evaluation.workdirs import load_trained
+from runway_jax.training import TrainConfig, train_and_evaluate
+from runway_jax.training.config import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "eval"))
+import perplexity as perplexity_script  # noqa: E402  (eval/perplexity.py)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny rewired and a tiny baseline model trained for a few steps on local files."""
+    root = tmp_path_factory.mktemp("trained")
+    texts = [("line %d of document %d. " % (i, d)) * 40 for d in range(6) for i in range(3)]
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    workdirs = {}
+    for name, rewire in (("rewired", True), ("baseline", False)):
+        config = TrainConfig(model=model_preset("tiny", rewire=rewire),
+                             data=DataConfig(source=str(corpus), validation_source=str(corpus),
+                                             seq_len=32, batch_size=4),
+                             steps=6, checkpoint_every=6, eval_every=6, eval_batches=1, log_every=6)
+        workdirs[name] = root / name
+        train_and_evaluate(config, str(workdirs[name]), devices=jax.devices()[:1], log=lambda *_: None)
+    return workdirs
+
+
+def test_load_trained_restores_the_latest_parameters(trained):
+    model, config, tokenizer, step = load_trained(str(trained["rewired"]))
+    assert step == 6 and config.model.rewire and config.data.seq_len == 32
+    tokens = np.asarray(tokenizer.encode("line 1 of document 2. "))[None]
+    assert np.isfinite(np.asarray(model(tokens))).all()
+    with pytest.raises(ConfigError, match="not .*training workdir|does not exist"):
+        load_trained(str(trained["rewired"] / "nope"))
+
+
+def test_windows_are_round_robin_and_exact():
+    documents = [np.arange(100), np.arange(1000, 1030), np.arange(2000, 2250)]
+    rows = perplexity.windows(documents, 9, max_windows=5)
+    np.testing.assert_array_equal(rows[:, 0], [0, 1000, 2000, 10, 1010])
+    assert rows.shape == (5, 10) and np.all(np.diff(rows, axis=1) == 1)
+
+
+def test_perplexity_script_writes_json_and_png_with_compare(trained):
+    code = perplexity_script.main([f"--workdir={trained['rewired']}", "--lengths=1,2,4",
+                                   "--max_windows=3", "--compare", str(trained["baseline"])])
+    assert code == 0
+    report = json.loads((trained["rewired"] / "eval" / "perplexity.json").read_text())
+    assert sorted(report["lengths"], key=int) == ["32", "64", "128"]
+    for length, result in report["lengths"].items():
+        assert len(result["position_loss"]) == int(length) and np.isfinite(result["perplexity"])
+    assert report["compare"][0]["rewire"] is False
+    assert (trained["rewired"] / "eval" / "perplexity.png").stat().st_size > 10_000
+
+
+def test_perplexity_script_names_a_missing_workdir(tmp_path, capsys):
+    assert perplexity_script.main([f"--workdir={tmp_path}"]) == 2
+    assert "config.json does not exist" in capsys.readouterr().err
