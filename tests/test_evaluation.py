@@ -5,8 +5,10 @@ import pathlib
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from runway_jax.config import model_preset
 from runway_jax.data import DataConfig
@@ -69,3 +71,63 @@ def test_perplexity_script_writes_json_and_png_with_compare(trained):
 def test_perplexity_script_names_a_missing_workdir(tmp_path, capsys):
     assert perplexity_script.main([f"--workdir={tmp_path}"]) == 2
     assert "config.json does not exist" in capsys.readouterr().err
+
+
+class _InductionModel(nnx.Module):
+    """A stand-in model that retrieves perfectly: at position t it predicts the token that followed
+    the latest earlier occurrence of the 7 tokens ending at t (here: "key is " -> the key)."""
+
+    def __init__(self, vocab_size):
+        self.vocab_size = vocab_size
+
+    def __call__(self, tokens, *, positions=None, segment_ids=None):
+        length, context = tokens.shape[1], 7
+        shifted = [jnp.pad(tokens, ((0, 0), (k, 0)), constant_values=-1)[:, :length] for k in range(context)]
+        match = jnp.ones((tokens.shape[0], length, length), bool)
+        for window in shifted:
+            match &= window[:, :, None] == window[:, None, :]
+        match &= jnp.tril(jnp.ones((length, length), bool), -1)[None]
+        latest = jnp.max(jnp.where(match, jnp.arange(length), -1), axis=-1)  # [B, T]
+        following = jnp.take_along_axis(tokens, jnp.clip(latest + 1, 0, length - 1), axis=1)
+        return jnp.where((latest >= 0)[..., None], 20.0 * jax.nn.one_hot(following, self.vocab_size), 0.0)
+
+
+def test_passkey_scores_a_retrieving_model_perfectly_and_a_blind_one_at_chance():
+    from runway_jax.data import ByteTokenizer
+    from runway_jax.evaluation import passkey
+
+    tokenizer = ByteTokenizer()
+    results = passkey.passkey_grid(_InductionModel(259), tokenizer, [300], [0.0, 0.5, 1.0], trials=2)
+    assert results["exact_accuracy"] == [[1.0, 1.0, 1.0]] and results["rank_accuracy"] == [[1.0, 1.0, 1.0]]
+    assert 250 < results["prompt_tokens"][0] < 350
+    blind = passkey.passkey_grid(TransformerLMStub(), tokenizer, [120], [0.5], trials=3)
+    assert blind["exact_accuracy"] == [[0.0]]
+
+
+class TransformerLMStub(nnx.Module):
+    """Uniform predictions: never reproduces a key."""
+
+    def __call__(self, tokens, *, positions=None, segment_ids=None):
+        return jnp.zeros(tokens.shape + (259,))
+
+
+def test_left_padding_in_its_own_segment_does_not_change_the_prompt_logits(trained):
+    from runway_jax.evaluation.passkey import _layout
+
+    model, _, tokenizer, _ = load_trained(str(trained["rewired"]))
+    prompt = tokenizer.encode("line 2 of document 3. line 2 of")
+    tokens, positions, segments, end = _layout(prompt, 0, len(prompt) + 9)
+    padded = model(jnp.asarray(tokens[None]), positions=jnp.asarray(positions[None]),
+                   segment_ids=jnp.asarray(segments[None]))
+    np.testing.assert_allclose(padded[0, 9:end], model(jnp.asarray(prompt[None]))[0], atol=2e-5)
+
+
+def test_passkey_script_writes_json_and_heatmap(trained):
+    import passkey as passkey_script  # eval/passkey.py
+
+    assert passkey_script.main([f"--workdir={trained['rewired']}", "--lengths=2", "--depths=0,1",
+                                "--trials=1", "--compare", str(trained["baseline"])]) == 0
+    report = json.loads((trained["rewired"] / "eval" / "passkey.json").read_text())
+    assert report["depths"] == [0.0, 1.0] and len(report["exact_accuracy"][0]) == 2
+    assert report["chance_rank_accuracy"] == 0.1 and report["compare"][0]["rewire"] is False
+    assert (trained["rewired"] / "eval" / "passkey.png").stat().st_size > 10_000

@@ -1,0 +1,123 @@
+"""Passkey retrieval over a grid of prompt lengths x key depths.
+
+Each prompt (``runway_jax.data.synthetic.passkey``) hides a random number at a relative depth in
+filler text and asks for it at the end. Two scores per cell:
+
+* exact: greedy decoding of as many tokens as the key has reproduces the key exactly;
+* rank: the true key's log-likelihood beats ``distractors`` other random keys (rank 0).
+
+Prompts of one length are left-padded to a common size in a padding segment of their own (and
+positions restart at the prompt), so one compiled shape serves a whole row of the grid and the
+padding cannot change the result (METHOD (5)).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from runway_jax.data import synthetic
+
+
+@nnx.jit
+def _log_probs(model, tokens, positions, segments):
+    logits = model(tokens, positions=positions, segment_ids=segments)
+    return jax.nn.log_softmax(logits, axis=-1)
+
+
+def _layout(prompt, answer_length, total):
+    """Left-padded tokens/positions/segments of ``prompt`` followed by ``answer_length`` slots."""
+    padding = total - len(prompt) - answer_length
+    tokens = np.zeros(total, np.int32)
+    tokens[padding:padding + len(prompt)] = prompt
+    segments = np.r_[np.zeros(padding, np.int32), np.ones(total - padding, np.int32)]
+    positions = np.r_[np.arange(padding), np.arange(total - padding)].astype(np.int32)
+    return tokens, positions, segments, padding + len(prompt)
+
+
+def _chars_per_token(tokenizer):
+    sample = synthetic.FILLER * 20
+    return len(sample) / len(tokenizer.encode(sample))
+
+
+def passkey_cell(model, tokenizer, length, depth, *, trials, seed, digits, distractors):
+    """``(exact_accuracy, rank_accuracy, prompt_tokens)`` of one (length, depth) cell."""
+    overhead = len(tokenizer.encode(synthetic.passkey(0, 0, filler_chars=0, depth=0.0, digits=digits)[0]))
+    filler = max(0, int((length - overhead) * _chars_per_token(tokenizer)))
+    rng = np.random.default_rng([seed, length, int(depth * 1000)])
+    exact, ranked, sizes = 0, 0, []
+    for trial in range(trials):
+        prompt_text, key = synthetic.passkey(seed, trial, filler_chars=filler, depth=depth, digits=digits)
+        prompt = tokenizer.encode(prompt_text)
+        sizes.append(len(prompt))
+        candidates = [key] + ["".join(map(str, rng.integers(0, 10, digits))) for _ in range(distractors)]
+        encoded = [tokenizer.encode(c) for c in candidates]
+        answer_length = max(len(e) for e in encoded)
+        total = len(prompt) + answer_length
+        # Rank: the summed log-probability of each candidate's tokens after the prompt.
+        rows = [_layout(prompt, answer_length, total) for _ in candidates]
+        tokens = np.stack([r[0] for r in rows])
+        for row, answer in enumerate(encoded):
+            tokens[row, rows[row][3]:rows[row][3] + len(answer)] = answer
+        log_probs = np.asarray(_log_probs(model, jnp.asarray(tokens), jnp.asarray(np.stack([r[1] for r in rows])),
+                                          jnp.asarray(np.stack([r[2] for r in rows]))))
+        start = rows[0][3]
+        scores = [sum(log_probs[row, start - 1 + i, token] for i, token in enumerate(answer))
+                  for row, answer in enumerate(encoded)]
+        ranked += int(np.argmax(scores) == 0)
+        # Exact: greedy decoding, one slot at a time, in the same fixed shape.
+        greedy, positions, segments, start = _layout(prompt, len(encoded[0]), len(prompt) + len(encoded[0]))
+        for slot in range(len(encoded[0])):
+            step = np.asarray(_log_probs(model, jnp.asarray(greedy[None]), jnp.asarray(positions[None]),
+                                         jnp.asarray(segments[None])))
+            greedy[start + slot] = int(np.argmax(step[0, start + slot - 1]))
+        exact += int(tokenizer.decode(greedy[start:]) == key)
+    return exact / trials, ranked / trials, int(np.mean(sizes))
+
+
+def passkey_grid(model, tokenizer, lengths, depths, *, trials=4, seed=0, digits=5, distractors=9,
+                 progress=None) -> dict:
+    """Accuracy over ``lengths`` (prompt tokens) x ``depths`` (0 = start, 1 = end)."""
+    exact = np.zeros((len(lengths), len(depths)))
+    ranked = np.zeros_like(exact)
+    sizes = np.zeros(len(lengths), int)
+    cells = len(lengths) * len(depths)
+    for i, length in enumerate(lengths):
+        for j, depth in enumerate(depths):
+            exact[i, j], ranked[i, j], sizes[i] = passkey_cell(
+                model, tokenizer, length, depth, trials=trials, seed=seed, digits=digits,
+                distractors=distractors)
+            if progress:
+                progress(f"[{i * len(depths) + j + 1}/{cells}] length {length} depth {depth:.2f}: "
+                         f"exact {exact[i, j]:.2f}, rank {ranked[i, j]:.2f}")
+    return {"lengths": [int(n) for n in lengths], "prompt_tokens": sizes.tolist(),
+            "depths": [float(d) for d in depths], "exact_accuracy": exact.tolist(),
+            "rank_accuracy": ranked.tolist(), "trials": trials, "distractors": distractors,
+            "chance_rank_accuracy": 1.0 / (distractors + 1)}
+
+
+def plot(named_results: dict, path: str) -> None:
+    """Heatmaps of exact and rank accuracy (length x depth), one row per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(named_results)
+    figure, axes = plt.subplots(len(names), 2, figsize=(11, 3.6 * len(names)), squeeze=False)
+    for row, name in enumerate(names):
+        results = named_results[name]
+        for column, measure in enumerate(("exact_accuracy", "rank_accuracy")):
+            axis = axes[row, column]
+            image = axis.imshow(np.asarray(results[measure]), vmin=0, vmax=1, cmap="viridis",
+                                aspect="auto", origin="lower")
+            axis.set_xticks(range(len(results["depths"])), [f"{d:.2f}" for d in results["depths"]])
+            axis.set_yticks(range(len(results["lengths"])), results["lengths"])
+            axis.set(xlabel="depth of the key", ylabel="prompt length (tokens)",
+                     title=f"{name}: {measure.replace('_', ' ')}")
+            figure.colorbar(image, ax=axis)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
