@@ -49,10 +49,13 @@ def passkey_cell(model, tokenizer, length, depth, *, trials, seed, digits, distr
     rng = np.random.default_rng([seed, length, int(depth * 1000)])
     exact, ranked, sizes = 0, 0, []
     for trial in range(trials):
-        prompt_text, key = synthetic.passkey(seed, trial, filler_chars=filler, depth=depth, digits=digits)
+        # A different, reproducible key for every trial of every cell.
+        index = (length * 10_000 + int(depth * 1000)) * 1_000 + trial
+        prompt_text, key = synthetic.passkey(seed, index, filler_chars=filler, depth=depth, digits=digits)
         prompt = tokenizer.encode(prompt_text)
         sizes.append(len(prompt))
-        candidates = [key] + ["".join(map(str, rng.integers(0, 10, digits))) for _ in range(distractors)]
+        # Distractors drawn like keys (no leading zero), so that only retrieval can rank the key first.
+        candidates = [key] + [str(rng.integers(10 ** (digits - 1), 10 ** digits)) for _ in range(distractors)]
         encoded = [tokenizer.encode(c) for c in candidates]
         answer_length = max(len(e) for e in encoded)
         total = len(prompt) + answer_length
