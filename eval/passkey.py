@@ -9,15 +9,11 @@ prompts are reproducible. Writes DIR/eval/passkey.json and DIR/eval/passkey.png 
 """
 
 import argparse
-import json
-import os
 import sys
 
-from runway_jax.data import DataError
 from runway_jax.evaluation import passkey
+from runway_jax.evaluation.reports import run_evaluation
 from runway_jax.evaluation.workdirs import load_trained
-from runway_jax.training.checkpoint import CheckpointError
-from runway_jax.training.config import ConfigError
 
 
 def evaluate(workdir, args):
@@ -27,7 +23,8 @@ def evaluate(workdir, args):
     print(f"{workdir}: step {step}, lengths {lengths}, depths {depths}", flush=True)
     results = passkey.passkey_grid(model, tokenizer, lengths, depths, trials=args.trials,
                                    seed=args.seed, progress=lambda line: print(line, flush=True))
-    return {"workdir": workdir, "step": step, "rewire": config.model.rewire, **results}
+    report = {"workdir": workdir, "step": step, "rewire": config.model.rewire, **results}
+    return report, report  # the heatmap draws the report itself
 
 
 def main(argv=None) -> int:
@@ -39,23 +36,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compare", nargs="*", default=[])
     args = parser.parse_args(argv)
-    try:
-        report = evaluate(args.workdir, args)
-        curves = {f"{os.path.basename(os.path.normpath(args.workdir))} (rewire={report['rewire']})": report}
-        for other in args.compare:
-            other_report = evaluate(other, args)
-            curves[f"{os.path.basename(os.path.normpath(other))} (rewire={other_report['rewire']})"] = other_report
-            report.setdefault("compare", []).append(other_report)
-    except (ConfigError, CheckpointError, DataError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    out = os.path.join(args.workdir, "eval")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "passkey.json"), "w") as handle:
-        json.dump(report, handle, indent=2)
-    passkey.plot(curves, os.path.join(out, "passkey.png"))
-    print(f"wrote {out}/passkey.json and passkey.png")
-    return 0
+    return run_evaluation("passkey", args.workdir, args.compare,
+                          lambda workdir: evaluate(workdir, args),
+                          lambda curves, report, path: passkey.plot(curves, path))
 
 
 if __name__ == "__main__":

@@ -9,18 +9,16 @@ baseline next to the rewired model).
 """
 
 import argparse
-import json
-import os
 import sys
 
-from runway_jax.data import DataError, documents
+from runway_jax.data import documents
 from runway_jax.evaluation import perplexity
+from runway_jax.evaluation.reports import run_evaluation
 from runway_jax.evaluation.workdirs import load_trained
-from runway_jax.training.checkpoint import CheckpointError
-from runway_jax.training.config import ConfigError
 
 
-def evaluate(workdir, multiples, max_windows):
+def evaluate(workdir, lengths_flag, max_windows):
+    multiples = [float(m) for m in lengths_flag.split(",")]  # a bad flag is a one-line error
     model, config, tokenizer, step = load_trained(workdir)
     texts = documents(config.data, "validation")
     tokens = [tokenizer.encode(text) for text in texts]
@@ -39,24 +37,10 @@ def main(argv=None) -> int:
     parser.add_argument("--max_windows", type=int, default=16)
     parser.add_argument("--compare", nargs="*", default=[])
     args = parser.parse_args(argv)
-    try:
-        multiples = [float(m) for m in args.lengths.split(",")]
-        report, results = evaluate(args.workdir, multiples, args.max_windows)
-        curves = {f"{os.path.basename(os.path.normpath(args.workdir))} (rewire={report['rewire']})": results}
-        for other in args.compare:
-            other_report, other_results = evaluate(other, multiples, args.max_windows)
-            curves[f"{os.path.basename(os.path.normpath(other))} (rewire={other_report['rewire']})"] = other_results
-            report.setdefault("compare", []).append(other_report)
-    except (ConfigError, CheckpointError, DataError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    out = os.path.join(args.workdir, "eval")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "perplexity.json"), "w") as handle:
-        json.dump(report, handle, indent=2)
-    perplexity.plot(curves, report["training_length"], os.path.join(out, "perplexity.png"))
-    print(f"wrote {out}/perplexity.json and perplexity.png")
-    return 0
+    return run_evaluation(
+        "perplexity", args.workdir, args.compare,
+        lambda workdir: evaluate(workdir, args.lengths, args.max_windows),
+        lambda curves, report, path: perplexity.plot(curves, report["training_length"], path))
 
 
 if __name__ == "__main__":
