@@ -14,3 +14,33 @@ settings.register_profile(
     "ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A tiny rewired and a tiny baseline model trained for a few steps on local files:
+    ``{"rewired": workdir, "baseline": workdir}``, trained once per test session."""
+    import json
+
+    import jax
+
+    from runway_jax.config import model_preset
+    from runway_jax.data import DataConfig
+    from runway_jax.training import TrainConfig, train_and_evaluate
+
+    root = tmp_path_factory.mktemp("trained")
+    texts = [("line %d of document %d. " % (i, d)) * 40 for d in range(6) for i in range(3)]
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    workdirs = {}
+    for name, rewire in (("rewired", True), ("baseline", False)):
+        config = TrainConfig(model=model_preset("tiny", rewire=rewire),
+                             data=DataConfig(source=str(corpus), validation_source=str(corpus),
+                                             seq_len=32, batch_size=4),
+                             steps=6, checkpoint_every=6, eval_every=6, eval_batches=1, log_every=6)
+        workdirs[name] = root / name
+        train_and_evaluate(config, str(workdirs[name]), devices=jax.devices()[:1], log=lambda *_: None)
+    return workdirs
