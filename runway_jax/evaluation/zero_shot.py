@@ -90,14 +90,11 @@ def choice_log_likelihoods(model, tokenizer, examples, *, max_length: int, batch
     """Per example, the log-likelihood of each of its choices."""
     if max_length < 1 or batch_size < 1:
         raise ValueError(f"max_length={max_length} and batch_size={batch_size} must be positive.")
-    requests, owners = [], []
-    for number, example in enumerate(examples):
-        for context, continuation in zip(example["contexts"], example["continuations"]):
-            requests.append(encode_request(tokenizer, context, continuation, max_length))
-            owners.append(number)
+    requests = [encode_request(tokenizer, context, continuation, max_length)
+                for example in examples
+                for context, continuation in zip(example["contexts"], example["continuations"])]
     scores = score_requests(model, requests, batch_size=batch_size, progress=progress)
-    owners = np.asarray(owners)
-    return [scores[owners == number] for number in range(len(examples))]
+    return np.split(scores, np.cumsum([len(example["continuations"]) for example in examples])[:-1])
 
 
 def multiple_choice_metrics(examples, log_likelihoods) -> dict:
@@ -133,7 +130,8 @@ def evaluate_tasks(model, tokenizer, tasks: dict, *, max_length: int, batch_size
 
 
 def plot(named_results: dict, path: str) -> None:
-    """Grouped bars of acc and acc_norm per task, one bar per model, chance marked per task."""
+    """Grouped bars of acc and acc_norm per task (standard errors as whiskers), one bar per model,
+    chance marked per task."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,8 +143,10 @@ def plot(named_results: dict, path: str) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(max(9, 2.4 * len(tasks)), 4.2), squeeze=False)
     for axis, measure in zip(axes[0], ("acc", "acc_norm")):
         for number, name in enumerate(names):
-            values = [named_results[name].get(task, {}).get(measure, np.nan) for task in tasks]
-            axis.bar(np.arange(len(tasks)) - 0.4 + width * (number + 0.5), values, width, label=name)
+            results = [named_results[name].get(task, {}) for task in tasks]
+            axis.bar(np.arange(len(tasks)) - 0.4 + width * (number + 0.5),
+                     [r.get(measure, np.nan) for r in results], width, label=name,
+                     yerr=[r.get(f"{measure}_stderr", 0.0) for r in results], capsize=3)
         for column, task in enumerate(tasks):
             axis.hlines(named_results[names[0]][task]["chance"], column - 0.45, column + 0.45,
                         colors="black", linestyles="dashed", label="chance" if column == 0 else None)
