@@ -10,34 +10,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from runway_jax.config import model_preset
-from runway_jax.data import DataConfig
 from runway_jax.evaluation import perplexity
 from runway_jax.evaluation.workdirs import load_trained
-from runway_jax.training import TrainConfig, train_and_evaluate
 from runway_jax.training.config import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "eval"))
 import perplexity as perplexity_script  # noqa: E402  (eval/perplexity.py)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny rewired and a tiny baseline model trained for a few steps on local files."""
-    root = tmp_path_factory.mktemp("trained")
-    texts = [("line %d of document %d. " % (i, d)) * 40 for d in range(6) for i in range(3)]
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    workdirs = {}
-    for name, rewire in (("rewired", True), ("baseline", False)):
-        config = TrainConfig(model=model_preset("tiny", rewire=rewire),
-                             data=DataConfig(source=str(corpus), validation_source=str(corpus),
-                                             seq_len=32, batch_size=4),
-                             steps=6, checkpoint_every=6, eval_every=6, eval_batches=1, log_every=6)
-        workdirs[name] = root / name
-        train_and_evaluate(config, str(workdirs[name]), devices=jax.devices()[:1], log=lambda *_: None)
-    return workdirs
 
 
 def test_load_trained_restores_the_latest_parameters(trained):

@@ -1,0 +1,86 @@
+"""Multi-query associative recall: accuracy of trained models against the number of pairs.
+
+An example (``runway_jax.data.synthetic.associative_recall``) lists ``num_pairs`` key-value pairs
+and then asks ``num_queries`` of the keys again; the model must produce each key's value. This
+module scores a trained model on held-out examples (a disjoint seed); the program
+``eval/recall.py`` trains one rewired and one baseline model per pair count and seed with the
+ordinary training loop, then calls :func:`recall_accuracy`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from runway_jax.data import make_dataset
+from runway_jax.training.config import TrainConfig
+
+NUM_KEYS = 64  # the key vocabulary of the synthetic task: at most this many pairs
+
+
+def recall_config(base: TrainConfig, *, num_pairs: int, num_queries: int, rewire: bool,
+                  seed: int) -> TrainConfig:
+    """``base`` trained on recall with ``num_pairs`` pairs: rows exactly one example long, the
+    model rewired or not (everything else shared), ``seed`` for both initialization and data."""
+    data = dataclasses.replace(base.data, source="recall", recall_pairs=num_pairs,
+                               recall_queries=num_queries, seq_len=2 * (num_pairs + num_queries),
+                               shuffle_seed=seed, validation_source=None)
+    return base.replace(model=base.model.replace(rewire=rewire), data=data, seed=seed)
+
+
+@nnx.jit
+def _correct(model, batch):
+    logits = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    correct = jnp.argmax(logits, axis=-1) == batch["targets"]
+    return correct, batch["loss_mask"]
+
+
+def recall_accuracy(model, config: TrainConfig, tokenizer, *, batches: int) -> dict:
+    """Answer accuracy (argmax of the next-token logits at each query) and the share of examples
+    with every answer right, over up to ``batches`` validation batches."""
+    correct_answers = answers = perfect = examples = 0
+    for index, batch in enumerate(make_dataset(config.data, "validation", tokenizer)):
+        if index == batches:
+            break
+        correct, scored = jax.device_get(_correct(model, {k: jnp.asarray(v) for k, v in batch.items()}))
+        scored = np.asarray(scored) > 0
+        correct_answers += int((correct & scored).sum())
+        answers += int(scored.sum())
+        perfect += int(np.all(correct | ~scored, axis=1).sum())
+        examples += correct.shape[0]
+    return {"accuracy": correct_answers / answers, "sequence_accuracy": perfect / examples,
+            "answers": answers, "examples": examples}
+
+
+def summarize(accuracies: list[float]) -> dict:
+    """Mean, min and max over seeds."""
+    return {"mean": float(np.mean(accuracies)), "min": float(np.min(accuracies)),
+            "max": float(np.max(accuracies)), "seeds": len(accuracies)}
+
+
+def plot(curves: dict, path: str) -> None:
+    """Accuracy against the number of pairs, one line per model (band: min..max over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    for name, by_pairs in curves.items():
+        pairs = sorted(by_pairs)
+        axis.plot(pairs, [by_pairs[p]["mean"] for p in pairs], marker="o", label=name)
+        axis.fill_between(pairs, [by_pairs[p]["min"] for p in pairs], [by_pairs[p]["max"] for p in pairs],
+                          alpha=0.2)
+    axis.set(xscale="log", xlabel="key-value pairs", ylabel="answer accuracy", ylim=(-0.02, 1.02),
+             title="multi-query associative recall")
+    axis.set_xticks(sorted({p for by_pairs in curves.values() for p in by_pairs}))
+    axis.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+    axis.grid(True, alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
