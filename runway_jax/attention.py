@@ -20,8 +20,16 @@ Public functions:
 * ``"xla"``: the memory-lean eq. (3b) evaluation in :mod:`runway_jax.blockwise`, chunked over query
   blocks and key blocks; it never builds a ``T x T x T`` or ``T x T x d`` array, and its backward
   pass recomputes each chunk instead of storing it.
-* ``"pallas_gpu"`` / ``"pallas_tpu"``: fused kernels (not yet available).
-* ``None``: the best implementation available for the default backend.
+* ``"pallas_tpu"`` / ``"pallas_gpu"``: the fused flash-style kernels of :mod:`runway_jax.kernels`
+  (METHOD (3c)); they never hold a ``T x T`` array. They run on their accelerator, or anywhere with
+  ``interpret=True``. They do not support the ALiBi options or a traced ``scale``. Inside a
+  ``jax.set_mesh`` context they run under ``shard_map`` (batch and heads split over the mesh).
+* ``None``: the best implementation that can run this call: ``"pallas_tpu"`` on TPU,
+  ``"pallas_gpu"`` on GPU, ``"xla"`` otherwise (and ``"xla"`` whenever the kernel cannot take the
+  call, e.g. with ALiBi).
+* A sequence of names, e.g. ``("pallas_gpu", "xla")``: the first that can run this call.
+
+Naming a single implementation that cannot run the call raises a one-line ``ValueError`` saying why.
 """
 
 from __future__ import annotations
@@ -33,7 +41,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from runway_jax import blockwise
+from runway_jax import blockwise, kernels
+from runway_jax.kernels import sharding as kernel_sharding
 from runway_jax.masking import alibi_bias, attention_mask, masked_softmax
 
 RUNWAY_COEFFICIENTS = ("bilinear", "dot")
@@ -75,7 +84,8 @@ def rewired_attention(
       runway_span: ``"exact"`` (eq. (2)) or ``"prefix"``.
       segment_ids: optional int ``[B, T]``; attention and runways stay inside a segment (eq. (5)).
       scale: logit scale, default ``1 / sqrt(d)``; it scales both the logits and g.
-      implementation: ``"reference"``, ``"xla"``, ``"pallas_gpu"``, ``"pallas_tpu"`` or ``None``.
+      implementation: ``"reference"``, ``"xla"``, ``"pallas_gpu"``, ``"pallas_tpu"``, ``None``
+        (the best available) or a sequence of names tried in order (see the module docstring).
       interpret: run Pallas kernels in interpret mode (for CPU tests).
       alibi_slopes: optional ``[H]`` ALiBi slopes ``m_h``: adds ``-m_h * (i - j)`` to head h's
         logits. Not part of METHOD; it lets ALiBi models use rewiring.
@@ -94,7 +104,17 @@ def rewired_attention(
     _check_segment_ids(name, segment_ids, query.shape[:2])
     scale = _check_scale(name, scale, query.shape[-1])
     _check_alibi(name, alibi_slopes, runway_alibi_slope, query.shape[2])
-    implementation = _resolve_implementation(name, implementation)
+    implementation = _resolve_implementation(
+        name, implementation, interpret=interpret, width=query.shape[-1], scale=scale,
+        uses_alibi=alibi_slopes is not None or runway_alibi_slope is not None)
+    if implementation in kernels.TARGETS:
+        fused = functools.partial(
+            kernels.rewired_attention, target=implementation, beta=beta,
+            runway_coefficient=runway_coefficient, runway_span=runway_span, scale=scale,
+            interpret=interpret)
+        return kernel_sharding.call_sharded(
+            lambda q, k, v, rq, rk, s: fused(q, k, v, rq, rk, segment_ids=s),
+            query, key, value, runway_query, runway_key, _segments_or_zeros(segment_ids, query))
     options = dict(
         beta=beta,
         runway_coefficient=runway_coefficient,
@@ -153,17 +173,29 @@ def causal_attention(
     scale=None,
     implementation=None,
     alibi_slopes=None,
+    interpret=False,
 ):
     """Standard causal (grouped-query) attention from the same code: the baseline.
 
-    Shapes as in :func:`rewired_attention`; returns ``[B, T, H, d]`` in the dtype of ``query``.
+    Shapes and ``implementation`` as in :func:`rewired_attention`; the Pallas implementations run
+    the fused kernel with ``beta = 0``, which skips the runway head. Returns ``[B, T, H, d]`` in the
+    dtype of ``query``.
     """
     name = "causal_attention"
     _check_qkv(name, query, key, value)
     _check_segment_ids(name, segment_ids, query.shape[:2])
     scale = _check_scale(name, scale, query.shape[-1])
     _check_alibi(name, alibi_slopes, None, query.shape[2])
-    implementation = _resolve_implementation(name, implementation)
+    implementation = _resolve_implementation(
+        name, implementation, interpret=interpret, width=query.shape[-1], scale=scale,
+        uses_alibi=alibi_slopes is not None)
+    if implementation in kernels.TARGETS:
+        fused = functools.partial(kernels.causal_attention, target=implementation, scale=scale,
+                                  interpret=interpret)
+        runway = jnp.zeros(query.shape[:2] + query.shape[3:], query.dtype)  # unused placeholder
+        return kernel_sharding.call_sharded(
+            lambda q, k, v, rq, rk, s: fused(q, k, v, segment_ids=s),
+            query, key, value, runway, runway, _segments_or_zeros(segment_ids, query))
     if implementation == "reference":
         return _reference_causal_attention(
             query, key, value, segment_ids=segment_ids, scale=scale, alibi_slopes=alibi_slopes
@@ -174,8 +206,14 @@ def causal_attention(
 
 
 def default_implementation(backend: Optional[str] = None) -> str:
-    """The implementation ``implementation=None`` picks on ``backend`` (default: JAX's)."""
-    del backend  # Every backend uses "xla" until the Pallas kernels land.
+    """The implementation ``implementation=None`` prefers on ``backend`` (default: JAX's):
+    ``"pallas_tpu"`` on TPU, ``"pallas_gpu"`` on a CUDA or ROCm GPU, ``"xla"`` otherwise. (A call
+    the kernel cannot take, e.g. with ALiBi, still falls back to ``"xla"``.)"""
+    backend = backend or jax.default_backend()
+    if backend == "tpu":
+        return "pallas_tpu"
+    if backend in ("gpu", "cuda", "rocm"):
+        return "pallas_gpu"
     return "xla"
 
 
@@ -397,13 +435,56 @@ def _check_alibi(name, alibi_slopes, runway_alibi_slope, heads):
         )
 
 
-def _resolve_implementation(name, implementation):
+def _resolve_implementation(name, implementation, *, interpret=False, width=None, scale=None,
+                            uses_alibi=False):
+    """The implementation that runs this call: ``implementation`` itself if it can, else a
+    one-line ValueError; for ``None`` or a sequence, the first that can run it."""
     if implementation is None:
-        return default_implementation()
-    _check_choice(name, "implementation", implementation, IMPLEMENTATIONS)
-    if implementation.startswith("pallas"):
-        raise NotImplementedError(
-            f"{name}: implementation={implementation!r} is not available yet (the Pallas kernels "
-            "are a later issue); use implementation='xla' or None."
-        )
-    return implementation
+        candidates, explicit = (default_implementation(), "xla"), False
+    elif isinstance(implementation, (tuple, list)):
+        if not implementation:
+            raise ValueError(f"{name}: implementation=() is empty; name at least one of {IMPLEMENTATIONS}.")
+        for choice in implementation:
+            _check_choice(name, "implementation", choice, IMPLEMENTATIONS)
+        candidates, explicit = tuple(implementation), len(implementation) == 1
+    else:
+        _check_choice(name, "implementation", implementation, IMPLEMENTATIONS)
+        candidates, explicit = (implementation,), True
+    reasons = []
+    for choice in candidates:
+        reason = _why_not_runnable(choice, interpret=interpret, width=width, scale=scale,
+                                   uses_alibi=uses_alibi)
+        if reason is None:
+            return choice
+        reasons.append(reason)
+    if explicit:
+        raise ValueError(f"{name}: implementation={candidates[0]!r} cannot run this call: {reasons[0]}.")
+    details = "; ".join(f"{choice!r}: {reason}" for choice, reason in zip(candidates, reasons))
+    raise ValueError(f"{name}: none of implementation={tuple(candidates)!r} can run this call "
+                     f"({details}).")
+
+
+def _why_not_runnable(implementation, *, interpret, width, scale, uses_alibi):
+    """Why ``implementation`` cannot run a call, or ``None`` if it can."""
+    if implementation not in kernels.TARGETS:
+        return None
+    if uses_alibi:
+        return "ALiBi (alibi_slopes, runway_alibi_slope) is not supported by the pallas kernels; use implementation='xla'"
+    if isinstance(scale, jax.core.Tracer):
+        return "a traced scale is not supported by the pallas kernels; pass a Python float or use implementation='xla'"
+    if implementation == "pallas_gpu" and width is not None and width & (width - 1):
+        return f"head width d={width} is not a power of two (Triton tiles); use implementation='xla'"
+    if interpret or kernels.interpret_forced():
+        return None
+    backend = jax.default_backend()
+    needed = "tpu" if implementation == "pallas_tpu" else "gpu"
+    if backend != needed:
+        return (f"it needs a {needed.upper()} but JAX's default backend is {backend!r}; pass "
+                "interpret=True to run the kernel in interpret mode, or use implementation='xla'")
+    return None
+
+
+def _segments_or_zeros(segment_ids, query):
+    if segment_ids is None:
+        return jnp.zeros(query.shape[:2], jnp.int32)
+    return segment_ids

@@ -1,0 +1,157 @@
+"""Fused Pallas kernels for rewired attention (METHOD (3c)), one file per target.
+
+* :mod:`runway_jax.kernels.tpu` -- Mosaic TPU (``implementation="pallas_tpu"``).
+* :mod:`runway_jax.kernels.gpu` -- Triton-lowered Pallas GPU (``implementation="pallas_gpu"``).
+* :mod:`runway_jax.kernels.reference` -- their pure-``jnp`` twin (same tiles, same order).
+* :mod:`runway_jax.kernels.common` -- block sizes, layout, tile mathematics, cost model.
+* :mod:`runway_jax.kernels.sharding` -- the ``shard_map`` wrapper for sharded ``jit``.
+
+:func:`rewired_attention` here is the differentiable entry point (``jax.custom_vjp``) on the
+public ``[B, T, H, d]`` layout; :func:`runway_jax.attention.rewired_attention` calls it after its
+argument checks and implementation selection.
+
+Backward pass. The forward pass is fused Pallas; the backward pass is, for now, the ``jax.vjp`` of
+the ``"xla"`` blockwise path (:mod:`runway_jax.blockwise`), which recomputes the forward pass one
+query block at a time (memory ``O(Bq T)`` per layer, no ``T x T`` array kept). Pallas backward
+kernels following METHOD (3d) are not written yet.
+
+This package imports only ``jax``/``numpy`` and :mod:`runway_jax.masking` /
+:mod:`runway_jax.blockwise` (arrays in, arrays out).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from runway_jax import blockwise
+from runway_jax.kernels import common, gpu, tpu
+from runway_jax.kernels.common import BlockSizes
+
+TARGETS = ("pallas_tpu", "pallas_gpu")
+
+_FORCED_INTERPRET = contextvars.ContextVar("runway_jax_kernels_interpret", default=False)
+
+
+@contextlib.contextmanager
+def interpret_mode():
+    """Within this context every kernel call runs in Pallas interpret mode, as if called with
+    ``interpret=True`` (and the implementation selection treats the kernels as runnable on CPU).
+    For CPU tests of code that does not expose ``interpret``, e.g. a model configured with
+    ``attention_implementation="pallas_tpu"`` inside the training loop."""
+    token = _FORCED_INTERPRET.set(True)
+    try:
+        yield
+    finally:
+        _FORCED_INTERPRET.reset(token)
+
+
+def interpret_forced() -> bool:
+    return _FORCED_INTERPRET.get()
+
+
+def default_block_sizes(target: str) -> BlockSizes:
+    return BlockSizes.tpu_default() if target == "pallas_tpu" else BlockSizes.gpu_default()
+
+
+def forward(query, key, value, runway_query, runway_key, segment_ids, *, target, plan, beta,
+            coefficient, span, scale, block_sizes, interpret):
+    """Run one target's forward kernels on kernel-layout arrays: ``(out, lse, runway_lse, u)``."""
+    options = dict(plan=plan, beta=beta, coefficient=coefficient, span=span, scale=scale,
+                   interpret=interpret)
+    if target == "pallas_tpu":
+        return tpu.forward(query, key, value, runway_query, runway_key, segment_ids, **options)
+    return gpu.forward(query, key, value, runway_query, runway_key, segment_ids,
+                       block_sizes=block_sizes, **options)
+
+
+def rewired_attention(query, key, value, runway_query, runway_key, *, target, beta,
+                      runway_coefficient, runway_span, segment_ids, scale, block_sizes=None,
+                      interpret=False):
+    """METHOD eq. (3) by the fused kernels of ``target``; shapes as the public function.
+
+    ``beta == 0`` skips the runway head entirely (standard causal attention, invariant 1), which
+    is also how :func:`causal_attention` runs on the kernels.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"rewired_attention: target={target!r} is not one of {TARGETS}.")
+    block_sizes = block_sizes or default_block_sizes(target)
+    if not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"rewired_attention: block_sizes={block_sizes!r} must be a BlockSizes.")
+    width = query.shape[-1]
+    options = _Options(target=target, beta=float(beta), coefficient=runway_coefficient,
+                       span=runway_span, scale=common.scale_as_float(scale, width),
+                       block_sizes=block_sizes, interpret=bool(interpret) or interpret_forced())
+    if segment_ids is None:
+        segment_ids = jnp.zeros(query.shape[:2], jnp.int32)
+    return _fused(options, query, key, value, runway_query, runway_key, segment_ids)
+
+
+def causal_attention(query, key, value, *, target, segment_ids, scale, block_sizes=None,
+                     interpret=False):
+    """Standard causal attention on the same kernels (``beta = 0``: no runway work at all)."""
+    runway = jnp.zeros(query.shape[:2] + query.shape[3:], query.dtype)
+    return rewired_attention(query, key, value, runway, runway, target=target, beta=0.0,
+                             runway_coefficient="bilinear", runway_span="prefix",
+                             segment_ids=segment_ids, scale=scale, block_sizes=block_sizes,
+                             interpret=interpret)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """The static options of one call (hashable: the ``nondiff_argnums`` of the custom_vjp)."""
+
+    target: str
+    beta: float
+    coefficient: str
+    span: str
+    scale: float
+    block_sizes: BlockSizes
+    interpret: bool
+
+
+def _run_forward(options, query, key, value, runway_query, runway_key, segment_ids):
+    length = query.shape[1]
+    plan = common.plan(length, options.block_sizes)
+    arrays = common.to_kernel_layout(query, key, value, runway_query, runway_key, segment_ids,
+                                     plan)
+    out, *_ = forward(*arrays, target=options.target, plan=plan, beta=options.beta,
+                      coefficient=options.coefficient, span=options.span, scale=options.scale,
+                      block_sizes=options.block_sizes, interpret=options.interpret)
+    return common.from_kernel_layout(out, length)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(options, query, key, value, runway_query, runway_key, segment_ids):
+    return _run_forward(options, query, key, value, runway_query, runway_key, segment_ids)
+
+
+def _fused_forward(options, query, key, value, runway_query, runway_key, segment_ids):
+    out = _run_forward(options, query, key, value, runway_query, runway_key, segment_ids)
+    return out, (query, key, value, runway_query, runway_key, segment_ids)
+
+
+def _fused_backward(options, residuals, cotangent):
+    """The vjp of the "xla" blockwise evaluation of the same function (see module docstring)."""
+    *inputs, segment_ids = residuals
+
+    def xla_path(query, key, value, runway_query, runway_key):
+        if options.beta == 0.0:
+            return blockwise.causal_attention(query, key, value, segment_ids=segment_ids,
+                                              scale=options.scale, alibi_slopes=None)
+        return blockwise.rewired_attention(
+            query, key, value, runway_query, runway_key, beta=options.beta,
+            runway_coefficient=options.coefficient, runway_span=options.span,
+            segment_ids=segment_ids, scale=options.scale, alibi_slopes=None,
+            runway_alibi_slope=None)
+
+    _, vjp = jax.vjp(xla_path, *inputs)
+    return (*vjp(cotangent), None)
+
+
+_fused.defvjp(_fused_forward, _fused_backward)

@@ -1,0 +1,298 @@
+"""What the TPU and GPU kernels share: block sizes, the padded head-major layout, the per-tile
+mathematics of METHOD eqs. (3b)-(3c), and the cost model of a call.
+
+The tile functions here are pure ``jnp`` over values (no refs), so the same code runs inside a
+Mosaic TPU kernel, inside a Triton GPU kernel and in the pure-``jnp`` reference twin
+(:mod:`runway_jax.kernels.reference`). Row statistics are kept as ``[Bq, 1]`` columns
+(``keepdims``) so that no kernel needs 1-D vectors.
+
+Shape letters: B batch, H rewired (query) heads, K key/value heads, G = H // K, Tp padded length,
+Bq query block, Bk key block, d head width. Kernel layouts are head-major: queries ``[B, H, Tp, d]``,
+keys and values ``[B, K, Tp, d]``, runway arrays ``[B, Tp, d]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from runway_jax.masking import MASK_VALUE
+
+
+def _is_power_of_two(value) -> bool:
+    return isinstance(value, int) and value >= 1 and value & (value - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiling of the fused kernels; validated on construction.
+
+    ``block_q`` / ``block_k``: query and key rows per tile (powers of two, >= 8: Triton needs
+    powers of two and Mosaic needs multiples of the 8 sublanes). Short sequences shrink both to the
+    next power of two >= T, so T = 1 costs one 8-row tile, not a 128-row one.
+    ``heads_per_program``: rewired heads one GPU program serves (they share one rho tile, METHOD
+    (3c)); ``None`` means all heads. The TPU kernel always serves all heads of a query block.
+    ``num_warps`` / ``num_stages``: Triton launch parameters (GPU only).
+    """
+
+    block_q: int = 128
+    block_k: int = 128
+    heads_per_program: int | None = None
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k"):
+            value = getattr(self, name)
+            if not (_is_power_of_two(value) and value >= 8):
+                raise ValueError(f"BlockSizes: {name}={value!r} must be a power of two >= 8.")
+        if self.heads_per_program is not None and not (
+                isinstance(self.heads_per_program, int) and self.heads_per_program >= 1):
+            raise ValueError(
+                f"BlockSizes: heads_per_program={self.heads_per_program!r} must be a positive int "
+                "or None (all heads).")
+        for name in ("num_warps", "num_stages"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"BlockSizes: {name}={value!r} must be a positive int.")
+
+    @classmethod
+    def tpu_default(cls) -> "BlockSizes":
+        """128 x 128 tiles: one MXU pass per product on every TPU generation."""
+        return cls(block_q=128, block_k=128)
+
+    @classmethod
+    def gpu_default(cls) -> "BlockSizes":
+        """64 x 64 tiles, two heads per program: the per-head accumulators live in registers in
+        Triton, so a program cannot hold all 16 heads' ``[Bq, d]`` float32 accumulators; two
+        heads halve rho's cost per head. Not tuned on hardware (none was available)."""
+        return cls(block_q=64, block_k=64, heads_per_program=2, num_warps=8, num_stages=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Block sizes fitted to one call: ``Bq``, ``Bk``, padded length ``Tp`` and block counts."""
+
+    length: int
+    block_q: int
+    block_k: int
+    padded_length: int
+
+    @property
+    def num_query_blocks(self) -> int:
+        return self.padded_length // self.block_q
+
+    @property
+    def num_key_blocks(self) -> int:
+        return self.padded_length // self.block_k
+
+
+def plan(length: int, block_sizes: BlockSizes) -> Plan:
+    """Shrink the blocks for short sequences and pad T to a multiple of both (METHOD (6), item 6:
+    any T >= 1)."""
+    fitted = max(8, 1 << (max(length, 1) - 1).bit_length())  # next power of two >= T, >= 8
+    block_q = min(block_sizes.block_q, fitted)
+    block_k = min(block_sizes.block_k, fitted)
+    multiple = max(block_q, block_k)  # both powers of two: the larger is a multiple of the smaller
+    return Plan(length, block_q, block_k, -(-length // multiple) * multiple)
+
+
+def last_key_block(query_block_index, plan_: Plan):
+    """Index of the last key block a causal query block sees (works on traced ints)."""
+    last_row = (query_block_index + 1) * plan_.block_q - 1
+    if isinstance(last_row, int):
+        return last_row // plan_.block_k
+    # lax.div, not //: jnp's floor division lowers through sign(), which Mosaic can only lower
+    # knowing the TPU generation (unknown when exporting from a CPU host). Operands are >= 0.
+    return jax.lax.div(last_row, jnp.int32(plan_.block_k))
+
+
+# --------------------------------------------------------------------------------------------
+# Layout: [B, T, ...] token-major (the public API) <-> padded head-major (the kernels).
+# --------------------------------------------------------------------------------------------
+
+
+def pad_length(x, padded_length, axis=1):
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, padded_length - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
+def to_kernel_layout(query, key, value, runway_query, runway_key, segment_ids, plan_: Plan):
+    """Pad T to ``Tp`` and move heads before time: ``[B, T, H, d] -> [B, H, Tp, d]``.
+
+    Padded positions come after every real token, so causality already hides them from real
+    queries; padded queries see themselves (segment 0 on the diagonal), so no row is empty.
+    """
+    tp = plan_.padded_length
+    query = jnp.swapaxes(pad_length(query, tp), 1, 2)  # [B, H, Tp, d]
+    key = jnp.swapaxes(pad_length(key, tp), 1, 2)  # [B, K, Tp, d]
+    value = jnp.swapaxes(pad_length(value, tp), 1, 2)
+    runway_query = pad_length(runway_query, tp)  # [B, Tp, d]
+    runway_key = pad_length(runway_key, tp)
+    if segment_ids is None:
+        segment_ids = jnp.zeros(query.shape[:1] + (plan_.length,), jnp.int32)
+    segment_ids = pad_length(segment_ids.astype(jnp.int32), tp)  # [B, Tp]
+    return query, key, value, runway_query, runway_key, segment_ids
+
+
+def from_kernel_layout(out, length):
+    """``[B, H, Tp, d] -> [B, T, H, d]``."""
+    return jnp.swapaxes(out, 1, 2)[:, :length]
+
+
+# --------------------------------------------------------------------------------------------
+# Tile mathematics, shared by every kernel and the reference twin.
+# --------------------------------------------------------------------------------------------
+
+
+def dot(a, b, *, transpose_b=False):
+    """``a @ b`` (or ``a @ b.T``) with float32 accumulation; float32 operands use full precision
+    so that the runway coefficients stay float32-accurate (METHOD, notation) on TPU and GPU."""
+    contract = ((1,), (1,)) if transpose_b else ((1,), (0,))
+    full = jnp.float32 in (a.dtype, b.dtype)
+    return jax.lax.dot_general(
+        a, b, (contract, ((), ())), preferred_element_type=jnp.float32,
+        precision=jax.lax.Precision.HIGHEST if full else None)
+
+
+def tile_masks(query_positions, key_positions, query_segments, key_segments):
+    """``visible`` (causal, same segment; METHOD eq. (5)) and ``distance = i - j`` of one tile.
+
+    Positions and segments are ``[Bq, 1]`` and ``[1, Bk]`` (or already broadcast ``[Bq, Bk]``).
+    """
+    distance = query_positions - key_positions
+    visible = (distance >= 0) & (query_segments == key_segments)
+    return visible, distance
+
+
+def online_softmax_step(max_so_far, sum_so_far, accumulator, logits, visible, values):
+    """One key tile of a flash-attention row scan: float32 running max ``[Bq, 1]``, running sum
+    ``[Bq, 1]`` and unnormalized output ``[Bq, d]``. Masked entries contribute exactly zero, also
+    when a whole tile is masked for a row (then ``exp(MASK_VALUE - m)`` would otherwise be 1)."""
+    logits = jnp.where(visible, logits, MASK_VALUE)
+    new_max = jnp.maximum(max_so_far, jnp.max(logits, axis=1, keepdims=True))
+    probs = jnp.where(visible, jnp.exp(logits - new_max), 0.0)
+    correction = jnp.exp(max_so_far - new_max)
+    new_sum = correction * sum_so_far + jnp.sum(probs, axis=1, keepdims=True)
+    new_accumulator = correction * accumulator + dot(probs.astype(values.dtype), values)
+    return new_max, new_sum, new_accumulator
+
+
+def finish_softmax(max_so_far, sum_so_far, accumulator):
+    """Normalized output and log-sum-exp; rows that saw no key (never real ones) give zeros."""
+    empty = sum_so_far == 0.0
+    safe_sum = jnp.where(empty, 1.0, sum_so_far)
+    return accumulator / safe_sum, jnp.where(empty, MASK_VALUE, max_so_far + jnp.log(safe_sum))
+
+
+def initial_row_stats(block_q, width):
+    return (jnp.full((block_q, 1), MASK_VALUE, jnp.float32), jnp.zeros((block_q, 1), jnp.float32),
+            jnp.zeros((block_q, width), jnp.float32))
+
+
+def runway_logits(runway_query_rows, runway_key_block, scale):
+    """``s^r_IJ = scale * q^r_I (k^r_J)^T``, float32 ``[Bq, Bk]`` (METHOD eq. (1))."""
+    return scale * dot(runway_query_rows, runway_key_block, transpose_b=True)
+
+
+def runway_summary(weighted_values, runway_lse, runway_query_rows, runway_key_rows, own_values,
+                   scale):
+    """``u_i = P_i(i-1) = (A w)_i - A_ii w_i`` (METHOD eq. (3b)): the runway head's causal output
+    with values w minus its diagonal term, ``A_ii = exp(s_ii - lse_i)`` taken elementwise from the
+    same statistics (not a renormalized strictly-causal pass)."""
+    diagonal_logit = scale * jnp.sum(
+        runway_query_rows.astype(jnp.float32) * runway_key_rows.astype(jnp.float32),
+        axis=1, keepdims=True)
+    diagonal_prob = jnp.exp(diagonal_logit - runway_lse)
+    return weighted_values - diagonal_prob * own_values.astype(jnp.float32)
+
+
+def runway_coefficients_tile(probs, summary, earlier, values_block, keys_block, visible, distance,
+                             *, span, scale):
+    """``rho_IJ`` of METHOD eq. (3b) for one tile, float32 ``[Bq, Bk]``.
+
+    Args:
+      probs: ``A_IJ`` ``[Bq, Bk]`` (already zero where not visible).
+      summary: ``u_I`` ``[Bq, d]``.
+      earlier: ``S_I = sum_{J' < J} A_IJ' W_J'`` ``[Bq, d]`` (exact span only).
+      values_block, keys_block: ``W_J`` and ``Z_J`` ``[Bk, d]`` float32.
+
+    Exact: ``rho_ij = scale * (<u_i - S_i, z_j> - (A_IJ @ triu(W_J Z_J^T))_ij)`` with ``triu``
+    keeping ``k <= j``, masked to ``i - j >= 2`` (empty runways are exactly zero, METHOD (6) item
+    3). Prefix: ``rho_ij = scale * <u_i, z_j>`` for visible ``j <= i``.
+    """
+    if span == "prefix":
+        return jnp.where(visible, scale * dot(summary, keys_block, transpose_b=True), 0.0)
+    within = dot(values_block, keys_block, transpose_b=True)  # [Bk(k), Bk(j)] <w_k, z_j>
+    k_index = jax.lax.broadcasted_iota(jnp.int32, within.shape, 0)
+    j_index = jax.lax.broadcasted_iota(jnp.int32, within.shape, 1)
+    within = jnp.where(k_index <= j_index, within, 0.0)
+    rho = dot(summary - earlier, keys_block, transpose_b=True) - dot(probs, within)
+    return jnp.where(visible & (distance >= 2), scale * rho, 0.0)
+
+
+def rewired_logits(query_rows, key_block, rho, *, beta, scale):
+    """``s~^h_IJ = scale * q^h_I (k^h_J)^T - beta * rho_IJ`` (METHOD eq. (3)), float32."""
+    return scale * dot(query_rows, key_block, transpose_b=True) - beta * rho
+
+
+# --------------------------------------------------------------------------------------------
+# Cost model of one call (METHOD (3c)), for pl.CostEstimate and the CPU benchmark.
+# --------------------------------------------------------------------------------------------
+
+
+def forward_cost(batch, length, heads, kv_heads, width, itemsize, *, span, causal_fraction=None):
+    """``(flops, transcendentals, hbm_bytes)`` of the two forward pallas_calls.
+
+    Per visible tile the rewired heads cost ``2 H Bq Bk d`` multiply-adds (QK^T and PV), the runway
+    head ``5 Bq Bk d`` (exact: logits, ``(u - S) z^T``, ``A triu(W Z^T)``, ``A W``, ``W Z^T`` with
+    ``Bk = d``; prefix: ``u z^T`` only) plus ``2 Bq Bk d`` for its statistics pass. ``causal_fraction`` is the
+    share of tiles at or below the diagonal (about 1/2).
+    """
+    fraction = 0.5 if causal_fraction is None else causal_fraction
+    pairs = fraction * length * length  # visible (i, j) entries, tiles rounded away
+    runway_products = 5 if span == "exact" else 1  # prefix: only u z^T in the main pass
+    multiply_adds = pairs * width * (2 * heads + runway_products + 2)
+    flops = int(2 * multiply_adds)
+    transcendentals = int(pairs * (heads + 2))  # one exp per head per entry, two for the runway
+    # Reads: q, o; k, v re-read once per query block (length / Bq times) -- counted once here, as
+    # XLA's estimate for a fused kernel; runway q, k, u, lse; writes o and lse.
+    bytes_per_token = (2 * heads + 2 * kv_heads + 2) * width * itemsize + (width + 2 + heads) * 4
+    hbm_bytes = int(batch * length * bytes_per_token)
+    return int(batch * flops), int(batch * transcendentals), hbm_bytes
+
+
+def backward_cost(batch, length, heads, kv_heads, width, itemsize, *, span):
+    """Backward (recompute + gradients): about 2.5x the forward flops, as flash attention."""
+    flops, transcendentals, hbm_bytes = forward_cost(batch, length, heads, kv_heads, width,
+                                                     itemsize, span=span)
+    return int(2.5 * flops), int(2 * transcendentals), int(2 * hbm_bytes)
+
+
+def cost_estimate(pl_module, batch, length, heads, kv_heads, width, itemsize, *, span):
+    flops, transcendentals, hbm_bytes = forward_cost(batch, length, heads, kv_heads, width,
+                                                     itemsize, span=span)
+    return pl_module.CostEstimate(flops=flops, transcendentals=transcendentals,
+                                  bytes_accessed=hbm_bytes)
+
+
+def standard_attention_cost(batch, length, heads, width, itemsize):
+    """``(flops, hbm_bytes)`` of standard causal attention forward, the same way counted."""
+    pairs = 0.5 * length * length
+    return (int(batch * 2 * pairs * width * 2 * heads),
+            int(batch * length * 4 * heads * width * itemsize))
+
+
+def scale_as_float(scale, width):
+    """The kernels bake the logit scale in as a constant: it must be a concrete number."""
+    if scale is None:
+        return 1.0 / math.sqrt(width)
+    if isinstance(scale, jax.core.Tracer):
+        raise ValueError(
+            "rewired_attention: a traced scale is not supported by the pallas kernels; pass a "
+            "Python float or use implementation='xla'.")
+    return float(scale)
