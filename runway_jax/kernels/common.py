@@ -245,46 +245,86 @@ def rewired_logits(query_rows, key_block, rho, *, beta, scale):
 # --------------------------------------------------------------------------------------------
 
 
-def forward_cost(batch, length, heads, kv_heads, width, itemsize, *, span, causal_fraction=None):
-    """``(flops, transcendentals, hbm_bytes)`` of the two forward pallas_calls.
+def computed_tiles(length, block_q=128, block_k=128):
+    """Tiles at or below the diagonal, the ones a causal kernel computes (padded as a call is)."""
+    plan_ = plan(length, BlockSizes(block_q=block_q, block_k=block_k))
+    return sum(last_key_block(i, plan_) + 1 for i in range(plan_.num_query_blocks)), plan_
 
-    Per visible tile the rewired heads cost ``2 H Bq Bk d`` multiply-adds (QK^T and PV), the runway
-    head ``5 Bq Bk d`` (exact: logits, ``(u - S) z^T``, ``A triu(W Z^T)``, ``A W``, ``W Z^T`` with
-    ``Bk = d``; prefix: ``u z^T`` only) plus ``2 Bq Bk d`` for its statistics pass. ``causal_fraction`` is the
-    share of tiles at or below the diagonal (about 1/2).
+
+def forward_cost(batch, length, heads, kv_heads, width, itemsize, *, span, block_q=128,
+                 block_k=128, runway=True):
+    """``(flops, transcendentals, hbm_bytes)`` of the two forward pallas_calls (METHOD (3c)).
+
+    Per computed tile the rewired heads cost ``2 H Bq Bk d`` multiply-adds (QK^T and PV); the
+    runway head adds ``5 Bq Bk d`` in the main pass for the exact span (logits, ``(u - S) z^T``,
+    ``A triu(W Z^T)`` and ``W Z^T`` with ``Bk = d``, ``A W``), 1 for the prefix span (``u z^T``),
+    and ``2 Bq Bk d`` in its statistics pass. HBM traffic: every query block reads the key-side
+    blocks it needs (K, V of all key/value heads, runway key and w, segment ids) once; queries,
+    outputs and the per-row float32 statistics are read or written once. ``runway=False``
+    (``beta = 0``) drops all runway terms.
     """
-    fraction = 0.5 if causal_fraction is None else causal_fraction
-    pairs = fraction * length * length  # visible (i, j) entries, tiles rounded away
-    runway_products = 5 if span == "exact" else 1  # prefix: only u z^T in the main pass
-    multiply_adds = pairs * width * (2 * heads + runway_products + 2)
-    flops = int(2 * multiply_adds)
-    transcendentals = int(pairs * (heads + 2))  # one exp per head per entry, two for the runway
-    # Reads: q, o; k, v re-read once per query block (length / Bq times) -- counted once here, as
-    # XLA's estimate for a fused kernel; runway q, k, u, lse; writes o and lse.
-    bytes_per_token = (2 * heads + 2 * kv_heads + 2) * width * itemsize + (width + 2 + heads) * 4
-    hbm_bytes = int(batch * length * bytes_per_token)
-    return int(batch * flops), int(batch * transcendentals), hbm_bytes
+    tiles, plan_ = computed_tiles(length, block_q, block_k)
+    tile = plan_.block_q * plan_.block_k
+    runway_products = (5 if span == "exact" else 1) + 2 if runway else 0
+    flops = 2 * tiles * tile * width * (2 * heads + runway_products)
+    transcendentals = tiles * tile * (heads + (2 if runway else 0))
+    key_side = plan_.block_k * (2 * kv_heads * width * itemsize + 4
+                                + (2 * width * itemsize if runway else 0))
+    per_token = 2 * heads * width * itemsize + 4 * heads  # q read, out written, lse written
+    if runway:
+        # statistics pass: its own key-side reads, rows of q^r, k^r, w; u and lse^r written,
+        # then read again by the main pass.
+        key_side += plan_.block_k * (2 * width * itemsize + 4)
+        per_token += 3 * width * itemsize + 2 * (4 * width + 4)
+    hbm_bytes = tiles * key_side + plan_.padded_length * per_token
+    return batch * flops, batch * transcendentals, batch * hbm_bytes
 
 
-def backward_cost(batch, length, heads, kv_heads, width, itemsize, *, span):
-    """Backward (recompute + gradients): about 2.5x the forward flops, as flash attention."""
-    flops, transcendentals, hbm_bytes = forward_cost(batch, length, heads, kv_heads, width,
-                                                     itemsize, span=span)
-    return int(2.5 * flops), int(2 * transcendentals), int(2 * hbm_bytes)
+def backward_cost(batch, length, heads, kv_heads, width, itemsize, *, span, block_q=128,
+                  block_k=128):
+    """A fused flash-style backward (METHOD (3d)) recomputes the forward tile work and adds
+    about 1.5x it in gradient products (``dS V^T``... as FlashAttention-2: 2.5x the forward in
+    all), and moves about twice the forward's bytes (gradients written, dO read)."""
+    flops, transcendentals, hbm_bytes = forward_cost(
+        batch, length, heads, kv_heads, width, itemsize, span=span, block_q=block_q,
+        block_k=block_k)
+    return int(2.5 * flops), 2 * transcendentals, 2 * hbm_bytes
 
 
-def cost_estimate(pl_module, batch, length, heads, kv_heads, width, itemsize, *, span):
-    flops, transcendentals, hbm_bytes = forward_cost(batch, length, heads, kv_heads, width,
-                                                     itemsize, span=span)
-    return pl_module.CostEstimate(flops=flops, transcendentals=transcendentals,
-                                  bytes_accessed=hbm_bytes)
+def runway_statistics_cost(batch, plan_, width, itemsize):
+    """``(flops, transcendentals, hbm_bytes)`` of the statistics pass alone (logits and A w)."""
+    tiles = sum(last_key_block(i, plan_) + 1 for i in range(plan_.num_query_blocks))
+    tile = plan_.block_q * plan_.block_k
+    hbm_bytes = (tiles * plan_.block_k * (2 * width * itemsize + 4)
+                 + plan_.padded_length * (3 * width * itemsize + 4 * width + 4))
+    return batch * 4 * tiles * tile * width, batch * tiles * tile, batch * hbm_bytes
 
 
-def standard_attention_cost(batch, length, heads, width, itemsize):
-    """``(flops, hbm_bytes)`` of standard causal attention forward, the same way counted."""
-    pairs = 0.5 * length * length
-    return (int(batch * 2 * pairs * width * 2 * heads),
-            int(batch * length * 4 * heads * width * itemsize))
+def cost_estimate(pl_module, batch, heads, kv_heads, width, itemsize, *, plan_, span=None,
+                  runway=True, statistics_pass=False):
+    """``pl.CostEstimate`` of one pallas_call: the statistics pass, or the main pass (the whole
+    forward minus the statistics pass)."""
+    stats = runway_statistics_cost(batch, plan_, width, itemsize)
+    if statistics_pass:
+        flops, transcendentals, hbm_bytes = stats
+    else:
+        flops, transcendentals, hbm_bytes = forward_cost(
+            batch, plan_.padded_length, heads, kv_heads, width, itemsize, span=span,
+            block_q=plan_.block_q, block_k=plan_.block_k, runway=runway)
+        if runway:
+            flops, transcendentals, hbm_bytes = (a - b for a, b in zip(
+                (flops, transcendentals, hbm_bytes), stats))
+    return pl_module.CostEstimate(flops=int(flops), transcendentals=int(transcendentals),
+                                  bytes_accessed=int(hbm_bytes))
+
+
+def standard_attention_cost(batch, length, heads, kv_heads, width, itemsize, block_q=128,
+                            block_k=128):
+    """``(flops, hbm_bytes)`` of standard causal flash attention forward, counted the same way."""
+    flops, _, hbm_bytes = forward_cost(batch, length, heads, kv_heads, width, itemsize,
+                                       span="prefix", block_q=block_q, block_k=block_k,
+                                       runway=False)
+    return flops, hbm_bytes
 
 
 def scale_as_float(scale, width):

@@ -91,7 +91,6 @@ def runway_statistics(runway_query, runway_key, values, segment_ids, *, plan, sc
     _check_width(width)
     whole = pl.BlockSpec((None, padded, width), lambda b, i: (b, 0, 0))
     segments = pl.BlockSpec((None, padded), lambda b, i: (b, 0))
-    flops, transcendentals, _ = common.forward_cost(batch, padded, 0, 0, width, 4, span="prefix")
     return pl.pallas_call(
         functools.partial(_runway_statistics_kernel, plan=plan, scale=scale),
         grid=(batch, plan.num_query_blocks),
@@ -101,9 +100,9 @@ def runway_statistics(runway_query, runway_key, values, segment_ids, *, plan, sc
         out_shape=[jax.ShapeDtypeStruct((batch, padded, 1), jnp.float32),
                    jax.ShapeDtypeStruct((batch, padded, width), jnp.float32)],
         compiler_params=_compiler_params(block_sizes),
-        cost_estimate=pl.CostEstimate(
-            flops=flops // 3, transcendentals=transcendentals // 3,
-            bytes_accessed=int(batch * padded * (5 * width * runway_query.dtype.itemsize + 8 * width))),
+        cost_estimate=common.cost_estimate(pl, batch, 0, 0, width,
+                                           runway_query.dtype.itemsize, plan_=plan,
+                                           statistics_pass=True),
         interpret=interpret,
         name="runway_statistics",
     )(runway_query, runway_key, values, segment_ids)
@@ -183,8 +182,9 @@ def rewired_forward(query, key, value, runway_query, runway_key, values, runway_
         out_shape=[jax.ShapeDtypeStruct(query.shape, query.dtype),
                    jax.ShapeDtypeStruct((batch, heads, padded, 1), jnp.float32)],
         compiler_params=_compiler_params(block_sizes),
-        cost_estimate=common.cost_estimate(pl, batch, padded, heads, kv_heads, width,
-                                           query.dtype.itemsize, span=span),
+        cost_estimate=common.cost_estimate(pl, batch, heads, kv_heads, width,
+                                           query.dtype.itemsize, plan_=plan, span=span,
+                                           runway=beta != 0.0),
         interpret=interpret,
         name="rewired_attention_forward",
     )(query, key, value, runway_query, runway_key, values, runway_lse, summary, segment_ids)

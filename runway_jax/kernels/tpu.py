@@ -95,7 +95,6 @@ def runway_statistics(runway_query, runway_key, values, segment_ids, *, plan, sc
     batch, padded, width = runway_query.shape
     rows, cols, query_segments, key_segments, row_stats = _specs(plan, width)
     kernel = functools.partial(_runway_statistics_kernel, plan=plan, scale=scale)
-    flops, transcendentals, _ = common.forward_cost(batch, padded, 0, 0, width, 4, span="prefix")
     return pl.pallas_call(
         kernel,
         grid=(batch, plan.num_query_blocks, plan.num_key_blocks),
@@ -107,9 +106,9 @@ def runway_statistics(runway_query, runway_key, values, segment_ids, *, plan, sc
                         pltpu.VMEM((plan.block_q, 1), jnp.float32),
                         pltpu.VMEM((plan.block_q, width), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=_SEQUENTIAL_KEYS),
-        cost_estimate=pl.CostEstimate(
-            flops=flops // 3, transcendentals=transcendentals // 3,
-            bytes_accessed=int(batch * padded * (5 * width * runway_query.dtype.itemsize + 8 * width))),
+        cost_estimate=common.cost_estimate(pl, batch, 0, 0, width,
+                                           runway_query.dtype.itemsize, plan_=plan,
+                                           statistics_pass=True),
         interpret=interpret,
         name="runway_statistics",
     )(runway_query, runway_key, values, runway_key, values, segment_ids[:, :, None],
@@ -193,8 +192,9 @@ def rewired_forward(query, key, value, runway_query, runway_key, values, runway_
                         pltpu.VMEM((heads, plan.block_q, width), jnp.float32),
                         pltpu.VMEM((plan.block_q, width), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=_SEQUENTIAL_KEYS),
-        cost_estimate=common.cost_estimate(pl, batch, padded, heads, kv_heads, width,
-                                           query.dtype.itemsize, span=span),
+        cost_estimate=common.cost_estimate(pl, batch, heads, kv_heads, width,
+                                           query.dtype.itemsize, plan_=plan, span=span,
+                                           runway=beta != 0.0),
         interpret=interpret,
         name="rewired_attention_forward",
     )(query, key, value, runway_query, runway_lse, summary, runway_key, values,
