@@ -28,11 +28,15 @@ def test_load_trained_restores_the_latest_parameters(trained):
         load_trained(str(trained["rewired"] / "nope"))
 
 
-def test_windows_are_round_robin_and_exact():
+def test_windows_are_shared_between_documents_and_spread_over_each():
     documents = [np.arange(100), np.arange(1000, 1030), np.arange(2000, 2250)]
-    rows = perplexity.windows(documents, 9, max_windows=5)
-    np.testing.assert_array_equal(rows[:, 0], [0, 1000, 2000, 10, 1010])
-    assert rows.shape == (5, 10) and np.all(np.diff(rows, axis=1) == 1)
+    rows = perplexity.windows(documents, 9, max_windows=7)
+    # Capacities of 10, 3 and 25 windows; round-robin gives 3, 2 and 2 of them, evenly spaced from
+    # each document's first window to its last (window 4.5 of 0..9 rounds to 4).
+    np.testing.assert_array_equal(rows[:, 0], [0, 40, 90, 1000, 1020, 2000, 2240])
+    assert rows.shape == (7, 10) and np.all(np.diff(rows, axis=1) == 1)
+    assert len(perplexity.windows(documents, 9, max_windows=100)) == 10 + 3 + 25
+    assert perplexity.windows(documents, 300, max_windows=4).shape == (0, 301)
 
 
 def test_perplexity_script_writes_json_and_png_with_compare(trained):

@@ -1,7 +1,8 @@
 """Perplexity against evaluation length, and loss against position.
 
 For each evaluation length L, non-overlapping windows of L + 1 tokens are cut from the held-out
-documents, round-robin over documents (documents shorter than a window give none); the model sees L tokens and is
+documents, shared equally between documents and spread evenly over each (documents shorter than a
+window give none); the model sees L tokens and is
 scored on the next-token loss at every position. The per-position curve shows whether loss keeps
 falling with position or blows up past the training length (length extrapolation).
 """
@@ -17,17 +18,22 @@ from flax import nnx
 
 
 def windows(token_documents, length: int, max_windows: int) -> np.ndarray:
-    """Up to ``max_windows`` windows ``[N, length + 1]``, round-robin over the documents (the
-    first window of every document, then the second, ...), so that every length is measured on
-    text from all documents."""
+    """Up to ``max_windows`` non-overlapping windows ``[N, length + 1]``, shared round-robin
+    between the documents (each document gives as many as the others, while it has room) and
+    spread evenly over each document, so that every length is measured on text from all
+    documents and from their whole extent, not only their openings (title pages, cast lists)."""
+    capacity = [len(tokens) // (length + 1) for tokens in token_documents]
+    counts = [0] * len(capacity)
+    while sum(counts) < max_windows and any(c < n for c, n in zip(counts, capacity)):
+        for index, room in enumerate(capacity):
+            if counts[index] < room and sum(counts) < max_windows:
+                counts[index] += 1
     rows = []
-    for index in range(max(len(tokens) for tokens in token_documents) // (length + 1)):
-        for tokens in token_documents:
-            start = index * (length + 1)
-            if start + length + 1 <= len(tokens):
-                rows.append(np.asarray(tokens[start:start + length + 1], np.int32))
-                if len(rows) == max_windows:
-                    return np.stack(rows)
+    for tokens, count, room in zip(token_documents, counts, capacity):
+        # Evenly spaced window indices from the first to the last that fits.
+        for window in np.linspace(0, room - 1, count).round().astype(int) if count else []:
+            start = int(window) * (length + 1)
+            rows.append(np.asarray(tokens[start:start + length + 1], np.int32))
     return np.stack(rows) if rows else np.zeros((0, length + 1), np.int32)
 
 
