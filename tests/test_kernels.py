@@ -69,6 +69,45 @@ def test_kernel_residuals_equal_the_reference_twin(target):
         np.testing.assert_allclose(g, w, atol=2e-6, rtol=1e-6, err_msg=name)
 
 
+def twin_residuals(seed, coefficient, span, blocks=SMALL_BLOCKS, batch=2, length=19, heads=4,
+                   kv_heads=2, width=8):
+    inputs = make_inputs(seed, batch, length, heads, kv_heads, width)
+    plan = common.plan(length, blocks)
+    arrays = common.to_kernel_layout(*inputs, make_segments(seed, batch, length), plan)
+    options = dict(plan=plan, beta=0.8, coefficient=coefficient, span=span, scale=width ** -0.5)
+    forward = reference.batched_rewired_forward(*arrays, **options)
+    out_grad = jax.random.normal(jax.random.key(seed + 1), forward[0].shape)
+    out_grad = jnp.where(jnp.arange(plan.padded_length)[:, None] < length, out_grad, 0.0)  # padding
+    return inputs, arrays, forward, out_grad, options
+
+
+@pytest.mark.parametrize("coefficient,span", [("dot", "exact"), ("bilinear", "prefix")])
+def test_reference_twin_backward_matches_autodiff_of_direct_evaluation(coefficient, span):
+    """The blocked METHOD (3d) backward (the kernels' algorithm) against jax.vjp of (2)-(3)."""
+    inputs, arrays, forward, out_grad, options = twin_residuals(31, coefficient, span)
+    grads = jax.vmap(lambda *a: reference.rewired_backward(*a, **options))(*arrays, *forward,
+                                                                           out_grad)
+    segments = arrays[5][:, :19]
+    length = inputs[0].shape[1]
+    cotangent = common.from_kernel_layout(out_grad, length)
+    _, vjp = jax.vjp(lambda *a: direct(*a, beta=0.8, runway_coefficient=coefficient,
+                                       runway_span=span, segment_ids=segments)[0], *inputs)
+    got = [common.from_kernel_layout(g, length) for g in grads[:3]] + [g[:, :length] for g in grads[3:]]
+    for name, g, w in zip(NAMES, got, vjp(cotangent)):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=0, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("coefficient,span", [("bilinear", "exact"), ("dot", "prefix")])
+def test_tpu_backward_kernels_equal_the_reference_twin(coefficient, span):
+    inputs, arrays, forward, out_grad, options = twin_residuals(32, coefficient, span)
+    want = jax.vmap(lambda *a: reference.rewired_backward(*a, **options))(*arrays, *forward,
+                                                                          out_grad)
+    got = kernels.tpu.backward(*arrays, *forward, out_grad, interpret=True, **options)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.shape == w.shape, name
+        np.testing.assert_allclose(g, w, atol=2e-6, rtol=1e-6, err_msg=f"d{name}")
+
+
 @pytest.mark.parametrize("span", attention.RUNWAY_SPANS)
 def test_reference_twin_matches_dense_reference(span):
     inputs = make_inputs(23, 1, 13, 2, 1, 8)
@@ -167,6 +206,8 @@ def test_lowers_for_its_platform_forward_and_backward(target, span):
                                      disabled_checks=checks)(*args, segments)
         text = exported.mlir_module()
         assert ("tpu_custom_call" if target == "pallas_tpu" else "xla.gpu.triton") in text
+        if fn is loss_gradients and target == "pallas_tpu":
+            assert "rewired_attention_backward_keys" in text
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,10 +10,12 @@
 public ``[B, T, H, d]`` layout; :func:`runway_jax.attention.rewired_attention` calls it after its
 argument checks and implementation selection.
 
-Backward pass. The forward pass is fused Pallas; the backward pass is, for now, the ``jax.vjp`` of
-the ``"xla"`` blockwise path (:mod:`runway_jax.blockwise`), which recomputes the forward pass one
-query block at a time (memory ``O(Bq T)`` per layer, no ``T x T`` array kept). Pallas backward
-kernels following METHOD (3d) are not written yet.
+Backward pass. ``pallas_tpu``: the Pallas backward kernels of METHOD (3d)
+(:func:`runway_jax.kernels.tpu.backward`; residuals are the padded inputs, the output, the heads'
+and the runway head's log-sum-exp and ``u``). ``pallas_gpu``: for now the ``jax.vjp`` of the
+``"xla"`` blockwise path (:mod:`runway_jax.blockwise`), which recomputes the forward pass one query
+block at a time (memory ``O(Bq T)`` per layer, no ``T x T`` array kept); a Triton port of the TPU
+backward is not written yet (see :mod:`runway_jax.kernels.gpu`).
 
 This package imports only ``jax``/``numpy`` and :mod:`runway_jax.masking` /
 :mod:`runway_jax.blockwise` (arrays in, arrays out).
@@ -116,28 +118,60 @@ class _Options:
 
 
 def _run_forward(options, query, key, value, runway_query, runway_key, segment_ids):
+    """Forward kernels on the public layout: ``(out [B, T, H, d], residuals in kernel layout)``."""
     length = query.shape[1]
     plan = common.plan(length, options.block_sizes)
     arrays = common.to_kernel_layout(query, key, value, runway_query, runway_key, segment_ids,
                                      plan)
-    out, *_ = forward(*arrays, target=options.target, plan=plan, beta=options.beta,
-                      coefficient=options.coefficient, span=options.span, scale=options.scale,
-                      block_sizes=options.block_sizes, interpret=options.interpret)
-    return common.from_kernel_layout(out, length)
+    out, lse, runway_lse, summary = forward(
+        *arrays, target=options.target, plan=plan, beta=options.beta,
+        coefficient=options.coefficient, span=options.span, scale=options.scale,
+        block_sizes=options.block_sizes, interpret=options.interpret)
+    return common.from_kernel_layout(out, length), (*arrays, out, lse, runway_lse, summary)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused(options, query, key, value, runway_query, runway_key, segment_ids):
-    return _run_forward(options, query, key, value, runway_query, runway_key, segment_ids)
+    return _run_forward(options, query, key, value, runway_query, runway_key, segment_ids)[0]
 
 
 def _fused_forward(options, query, key, value, runway_query, runway_key, segment_ids):
-    out = _run_forward(options, query, key, value, runway_query, runway_key, segment_ids)
+    out, kernel_residuals = _run_forward(options, query, key, value, runway_query, runway_key,
+                                         segment_ids)
+    if options.target == "pallas_tpu":
+        return out, (kernel_residuals, _dtypes(query, runway_query))
     return out, (query, key, value, runway_query, runway_key, segment_ids)
 
 
+def _dtypes(query, runway_query):
+    return jax.ShapeDtypeStruct(query.shape, query.dtype), jax.ShapeDtypeStruct(
+        runway_query.shape, runway_query.dtype)
+
+
 def _fused_backward(options, residuals, cotangent):
-    """The vjp of the "xla" blockwise evaluation of the same function (see module docstring)."""
+    if options.target == "pallas_tpu":
+        return _kernel_backward(options, residuals, cotangent)
+    return _xla_backward(options, residuals, cotangent)
+
+
+def _kernel_backward(options, residuals, cotangent):
+    """The TPU backward kernels of METHOD (3d) (:func:`runway_jax.kernels.tpu.backward`)."""
+    kernel_residuals, (query, runway_query) = residuals
+    length = query.shape[1]
+    plan = common.plan(length, options.block_sizes)
+    out_grad = jnp.swapaxes(common.pad_length(cotangent, plan.padded_length), 1, 2)
+    dq, dk, dv, d_runway_query, d_runway_key = tpu.backward(
+        *kernel_residuals, out_grad, plan=plan, beta=options.beta,
+        coefficient=options.coefficient, span=options.span, scale=options.scale,
+        interpret=options.interpret)
+    heads_layout = lambda g: common.from_kernel_layout(g, length).astype(query.dtype)
+    runway_layout = lambda g: g[:, :length].astype(runway_query.dtype)
+    return (heads_layout(dq), heads_layout(dk), heads_layout(dv), runway_layout(d_runway_query),
+            runway_layout(d_runway_key), None)
+
+
+def _xla_backward(options, residuals, cotangent):
+    """The vjp of the "xla" blockwise evaluation of the same function (GPU, for now)."""
     *inputs, segment_ids = residuals
 
     def xla_path(query, key, value, runway_query, runway_key):

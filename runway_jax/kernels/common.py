@@ -336,3 +336,63 @@ def scale_as_float(scale, width):
             "rewired_attention: a traced scale is not supported by the pallas kernels; pass a "
             "Python float or use implementation='xla'.")
     return float(scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward tile mathematics (METHOD (3d)).
+# --------------------------------------------------------------------------------------------
+
+
+def head_backward_tile(query_rows, key_block, value_block, out_grad_rows, lse_rows, out_dot_rows,
+                       rho, visible, *, beta, scale):
+    """One head's flash-attention backward on a tile of ``s~ = scale q k^T - beta rho``.
+
+    Returns ``(P, dS~)`` float32 ``[Bq, Bk]``: ``P = exp(s~ - lse)`` (zero where not visible) and
+    ``dS~ = P (dO V^T - rowsum(dO o))``; then ``dq = scale dS~ K``, ``dk = scale dS~^T Q``,
+    ``dv = P^T dO`` and ``d rho = -beta sum_h dS~^h`` (METHOD (3d)).
+    """
+    logits = rewired_logits(query_rows, key_block, rho, beta=beta, scale=scale)
+    probs = jnp.where(visible, jnp.exp(logits - lse_rows), 0.0)
+    dprobs = dot(out_grad_rows, value_block, transpose_b=True)
+    return probs, probs * (dprobs - out_dot_rows)
+
+
+def runway_backward_tile(probs, drho, distance, values_block, keys_block, *, span, scale,
+                         prefix_sum=None, summary_grad=None, earlier=None, summary=None):
+    """The runway head's gradients on one tile, METHOD (3d), given ``d rho_IJ``.
+
+    Args:
+      probs: ``A_IJ`` ``[Bq, Bk]`` (zero where not visible).
+      drho: ``d rho_IJ`` ``[Bq, Bk]``, zero where rho is defined zero.
+      distance: ``i - j`` ``[Bq, Bk]``.
+      values_block, keys_block: ``W_J``, ``Z_J`` float32 ``[Bk, d]``.
+      prefix_sum: exact span: ``R_I = sum_{j in earlier blocks} d rho_ij z_j`` ``[Bq, d]``.
+      earlier: exact span: ``S_I`` of the forward pass ``[Bq, d]``; summary: ``u_I``.
+      summary_grad: prefix span: ``du_I = scale sum_j d rho_ij z_j`` over the whole row.
+
+    Returns ``(dA, dz_J, dw_J)``: ``dA_IJ`` ``[Bq, Bk]`` (zero for ``k >= i``: ``A_ii`` is not
+    on any runway), and this tile's contributions to ``dz`` and ``dw`` ``[Bk, d]``.
+    """
+    before = distance >= 1  # k < i
+    strict_probs = jnp.where(before, probs, 0.0)
+    if span == "prefix":
+        dprobs = jnp.where(before, dot(summary_grad, values_block, transpose_b=True), 0.0)
+        dz = scale * dot(drho.T, summary)
+        dw = dot(strict_probs.T, summary_grad)
+        return dprobs, dz, dw
+    shape = (values_block.shape[0], values_block.shape[0])
+    row = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+    col = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+    # <z_j, w_k> for j < k (as [j, k]): the in-block part of R_i(k) = sum_{j<k} drho_ij z_j.
+    key_value = jnp.where(row < col, dot(keys_block, values_block, transpose_b=True), 0.0)
+    dprobs = scale * (dot(prefix_sum, values_block, transpose_b=True) + dot(drho, key_value))
+    dprobs = jnp.where(before, dprobs, 0.0)
+    # dz_j = scale sum_i drho_ij (u_i - P_i(j)), P_i(j) = S_i + sum_{k in J, k <= j} A_ik w_k.
+    drho_probs = dot(drho.T, probs)  # [j, k]
+    dz = scale * (dot(drho.T, summary - earlier)
+                  - dot(jnp.where(col <= row, drho_probs, 0.0), values_block))
+    # dw_k = scale sum_{i > k} A_ik R_i(k), R_i(k) = R_I + sum_{j in J, j < k} drho_ij z_j.
+    probs_drho = dot(strict_probs.T, drho)  # [k, j]
+    dw = scale * (dot(strict_probs.T, prefix_sum)
+                  + dot(jnp.where(col < row, probs_drho, 0.0), keys_block))
+    return dprobs, dz, dw

@@ -92,3 +92,88 @@ def _masks(query_block_index, key_block_index, plan, segment_ids):
     query_segments = segment_ids[query_block_index * bq:(query_block_index + 1) * bq, None]
     key_segments = segment_ids[None, key_block_index * bk:(key_block_index + 1) * bk]
     return common.tile_masks(query_positions, key_positions, query_segments, key_segments)
+
+
+def rewired_backward(query, key, value, runway_query, runway_key, segment_ids, out, lse,
+                     runway_lse, summary, out_grad, *, plan, beta, coefficient, span, scale):
+    """METHOD (3d) for one batch row, walking the tiles as the TPU backward kernels do.
+
+    Pass BQ (query blocks, key blocks ascending): ``dq`` of the heads, ``delta_i = sum_j d rho_ij
+    rho_ij`` (which equals ``sum_k A_ik dA_ik``, the runway softmax-backward term) and, for the
+    prefix span, ``du_i``. Pass BK (key blocks ascending, then query blocks): ``dk``, ``dv`` of the
+    heads and every runway gradient, with the exact span's row prefixes ``S_i`` and ``R_i`` kept
+    for all rows and advanced one key block at a time.
+
+    Returns float32 ``(dq, dk, dv, d runway_query, d runway_key)`` in kernel layout.
+    """
+    f32 = jnp.float32
+    values_w = (runway_query if coefficient == "bilinear" else runway_key).astype(f32)
+    keys_z = runway_key.astype(f32)
+    runway_query32 = runway_query.astype(f32)
+    heads, groups = query.shape[0], query.shape[0] // key.shape[0]
+    bq, bk, tp, width = plan.block_q, plan.block_k, plan.padded_length, query.shape[-1]
+    out_dot = jnp.sum(out_grad.astype(f32) * out.astype(f32), axis=-1, keepdims=True)  # [H,Tp,1]
+
+    def tile(qi, kj, earlier):
+        rows, cols = slice(qi * bq, (qi + 1) * bq), slice(kj * bk, (kj + 1) * bk)
+        visible, distance = _masks(qi, kj, plan, segment_ids)
+        logits = common.runway_logits(runway_query[rows], runway_key[cols], scale)
+        probs = jnp.where(visible, jnp.exp(logits - runway_lse[rows]), 0.0)
+        rho = common.runway_coefficients_tile(probs, summary[rows], earlier, values_w[cols],
+                                              keys_z[cols], visible, distance, span=span,
+                                              scale=scale)
+        head_tiles = [common.head_backward_tile(
+            query[h, rows], key[h // groups, cols], value[h // groups, cols], out_grad[h, rows],
+            lse[h, rows], out_dot[h, rows], rho, visible, beta=beta, scale=scale)
+            for h in range(heads)]
+        defined = visible & (distance >= 2) if span == "exact" else visible
+        drho = jnp.where(defined, -beta * sum(ds for _, ds in head_tiles), 0.0)
+        return rows, cols, distance, probs, rho, head_tiles, drho
+
+    # Pass BQ.
+    dq = jnp.zeros(query.shape, f32)
+    delta = jnp.zeros((tp, 1), f32)
+    summary_grad = jnp.zeros((tp, width), f32)
+    for qi in range(plan.num_query_blocks):
+        earlier = jnp.zeros((bq, width), f32)
+        for kj in range(common.last_key_block(qi, plan) + 1):
+            rows, cols, _, probs, rho, head_tiles, drho = tile(qi, kj, earlier)
+            for h, (_, ds) in enumerate(head_tiles):
+                dq = dq.at[h, rows].add(scale * common.dot(ds, key[h // groups, cols]))
+            delta = delta.at[rows].add(jnp.sum(drho * rho, axis=1, keepdims=True))
+            summary_grad = summary_grad.at[rows].add(scale * common.dot(drho, keys_z[cols]))
+            earlier = earlier + common.dot(probs, values_w[cols])
+
+    # Pass BK.
+    dk, dv = jnp.zeros(key.shape, f32), jnp.zeros(value.shape, f32)
+    d_runway_query = jnp.zeros((tp, width), f32)  # dq^r
+    d_runway_key = jnp.zeros((tp, width), f32)  # dk^r
+    dz, dw = jnp.zeros((tp, width), f32), jnp.zeros((tp, width), f32)
+    earlier_all = jnp.zeros((tp, width), f32)  # S_i before the current key block
+    prefix_all = jnp.zeros((tp, width), f32)  # R_i before the current key block
+    for kj in range(plan.num_key_blocks):
+        for qi in range(plan.num_query_blocks):
+            if common.last_key_block(qi, plan) < kj:
+                continue
+            rows, cols, distance, probs, rho, head_tiles, drho = tile(qi, kj, earlier_all[
+                qi * bq:(qi + 1) * bq])
+            for h, (p, ds) in enumerate(head_tiles):
+                g = h // groups
+                dk = dk.at[g, cols].add(scale * common.dot(ds.T, query[h, rows]))
+                dv = dv.at[g, cols].add(common.dot(p.T, out_grad[h, rows].astype(f32)))
+            dprobs, dz_tile, dw_tile = common.runway_backward_tile(
+                probs, drho, distance, values_w[cols], keys_z[cols], span=span, scale=scale,
+                prefix_sum=prefix_all[rows], summary_grad=summary_grad[rows],
+                earlier=earlier_all[rows], summary=summary[rows])
+            dlogits = probs * (dprobs - delta[rows])  # softmax backward of the runway head
+            d_runway_query = d_runway_query.at[rows].add(scale * common.dot(dlogits, keys_z[cols]))
+            d_runway_key = d_runway_key.at[cols].add(scale * common.dot(dlogits.T, runway_query32[rows]))
+            dz, dw = dz.at[cols].add(dz_tile), dw.at[cols].add(dw_tile)
+            earlier_all = earlier_all.at[rows].add(common.dot(probs, values_w[cols]))
+            prefix_all = prefix_all.at[rows].add(common.dot(drho, keys_z[cols]))
+    d_runway_key = d_runway_key + dz
+    if coefficient == "bilinear":
+        d_runway_query = d_runway_query + dw
+    else:
+        d_runway_key = d_runway_key + dw
+    return dq, dk, dv, d_runway_query, d_runway_key

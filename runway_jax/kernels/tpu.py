@@ -215,3 +215,251 @@ def forward(query, key, value, runway_query, runway_key, segment_ids, *, plan, b
                                summary, segment_ids, plan=plan, beta=beta, span=span, scale=scale,
                                interpret=interpret)
     return out, lse, runway_lse, summary
+
+
+# --------------------------------------------------------------------------------------------
+# Backward (METHOD (3d)): pass BQ over query blocks, pass BK over key blocks.
+# --------------------------------------------------------------------------------------------
+
+
+def _first_query_block(key_block, plan):
+    """The first query block that sees key block ``key_block`` (works on traced ints)."""
+    return jax.lax.div(key_block * plan.block_k, jnp.int32(plan.block_q))
+
+
+def _heads_backward(query_ref, key_ref, value_ref, out_grad_ref, lse_ref, out_dot_ref, rho,
+                    visible, *, beta, scale, groups):
+    """``[(P^h, dS~^h)]`` for every head of the tile, reading one head at a time."""
+    return [common.head_backward_tile(
+        query_ref[h], key_ref[h // groups], value_ref[h // groups], out_grad_ref[h], lse_ref[h],
+        out_dot_ref[h], rho, visible, beta=beta, scale=scale)
+        for h in range(query_ref.shape[0])]
+
+
+def _runway_tile(plan, span, beta, scale, visible, distance, runway_query_rows, runway_lse_rows,
+                 runway_key_cols, values_cols, summary_rows, earlier_rows):
+    """``(A_IJ, rho_IJ, W_J, Z_J)`` of one tile, as in the forward pass."""
+    values_block = values_cols.astype(jnp.float32)
+    keys_block = runway_key_cols.astype(jnp.float32)
+    logits = common.runway_logits(runway_query_rows, runway_key_cols, scale)
+    probs = jnp.where(visible, jnp.exp(logits - runway_lse_rows), 0.0)
+    rho = common.runway_coefficients_tile(probs, summary_rows, earlier_rows, values_block,
+                                          keys_block, visible, distance, span=span, scale=scale)
+    return probs, rho, values_block, keys_block
+
+
+def _defined_drho(head_tiles, visible, distance, *, span, beta):
+    """``d rho = -beta sum_h dS~^h`` where rho is defined (METHOD (3d))."""
+    defined = visible & (distance >= 2) if span == "exact" else visible
+    return jnp.where(defined, -beta * sum(ds for _, ds in head_tiles), 0.0)
+
+
+def _backward_query_kernel(query_ref, key_ref, value_ref, out_grad_ref, lse_ref, out_dot_ref,
+                           runway_query_rows_ref, runway_lse_ref, summary_ref,
+                           runway_key_cols_ref, values_cols_ref, query_segments_ref,
+                           key_segments_ref, dq_ref, delta_ref, summary_grad_ref,
+                           dq_acc, earlier_acc, delta_acc, summary_grad_acc, *, plan, beta, span,
+                           scale):
+    query_block, key_block = pl.program_id(1), pl.program_id(2)
+    groups = query_ref.shape[0] // key_ref.shape[0]
+    runway = beta != 0.0
+
+    @pl.when(key_block == 0)
+    def _init():
+        dq_acc[...] = jnp.zeros(dq_acc.shape, jnp.float32)
+        earlier_acc[...] = jnp.zeros(earlier_acc.shape, jnp.float32)
+        delta_acc[...] = jnp.zeros(delta_acc.shape, jnp.float32)
+        summary_grad_acc[...] = jnp.zeros(summary_grad_acc.shape, jnp.float32)
+
+    @pl.when(key_block <= common.last_key_block(query_block, plan))
+    def _step():
+        visible, distance = _tile_masks(plan, query_block, key_block, query_segments_ref,
+                                        key_segments_ref)
+        rho = jnp.zeros(visible.shape, jnp.float32)
+        if runway:
+            probs, rho, values_block, keys_block = _runway_tile(
+                plan, span, beta, scale, visible, distance, runway_query_rows_ref[...],
+                runway_lse_ref[...], runway_key_cols_ref[...], values_cols_ref[...],
+                summary_ref[...], earlier_acc[...])
+        head_tiles = _heads_backward(query_ref, key_ref, value_ref, out_grad_ref, lse_ref,
+                                     out_dot_ref, rho, visible, beta=beta, scale=scale,
+                                     groups=groups)
+        for h, (_, ds) in enumerate(head_tiles):
+            dq_acc[h] += scale * common.dot(ds.astype(key_ref.dtype), key_ref[h // groups])
+        if runway:
+            drho = _defined_drho(head_tiles, visible, distance, span=span, beta=beta)
+            # delta_i = sum_k A_ik dA_ik = sum_j d rho_ij rho_ij (both spans).
+            delta_acc[...] += jnp.sum(drho * rho, axis=1, keepdims=True)
+            if span == "prefix":
+                summary_grad_acc[...] += scale * common.dot(drho, keys_block)  # du_I
+            else:
+                earlier_acc[...] += common.dot(probs, values_block)
+
+    @pl.when(key_block == plan.num_key_blocks - 1)
+    def _finish():
+        dq_ref[...] = dq_acc[...]
+        delta_ref[...] = delta_acc[...]
+        summary_grad_ref[...] = summary_grad_acc[...]
+
+
+def _backward_key_kernel(query_ref, out_grad_ref, lse_ref, out_dot_ref, runway_query_rows_ref,
+                         runway_lse_ref, summary_ref, delta_ref, summary_grad_ref, key_ref,
+                         value_ref, runway_key_cols_ref, values_cols_ref, query_segments_ref,
+                         key_segments_ref, dk_ref, dv_ref, d_runway_key_ref, dz_ref, dw_ref,
+                         d_runway_query_ref, dk_acc, dv_acc, d_runway_key_acc, dz_acc, dw_acc,
+                         earlier_all, prefix_all, *, plan, beta, span, scale):
+    batch_key_block, query_block = pl.program_id(1), pl.program_id(2)
+    key_block = batch_key_block
+    groups = query_ref.shape[0] // key_ref.shape[0]
+    runway = beta != 0.0
+    rows = pl.ds(pl.multiple_of(query_block * plan.block_q, plan.block_q), plan.block_q)
+
+    @pl.when((key_block == 0) & (query_block == 0))
+    def _init_row():  # once per batch row: the row prefixes and the resident dq^r
+        earlier_all[...] = jnp.zeros(earlier_all.shape, jnp.float32)
+        prefix_all[...] = jnp.zeros(prefix_all.shape, jnp.float32)
+        d_runway_query_ref[...] = jnp.zeros(d_runway_query_ref.shape, jnp.float32)
+
+    @pl.when(query_block == 0)
+    def _init_block():
+        for acc in (dk_acc, dv_acc, d_runway_key_acc, dz_acc, dw_acc):
+            acc[...] = jnp.zeros(acc.shape, jnp.float32)
+
+    @pl.when(query_block >= _first_query_block(key_block, plan))
+    def _step():
+        visible, distance = _tile_masks(plan, query_block, key_block, query_segments_ref,
+                                        key_segments_ref)
+        rho = jnp.zeros(visible.shape, jnp.float32)
+        if runway:
+            probs, rho, values_block, keys_block = _runway_tile(
+                plan, span, beta, scale, visible, distance, runway_query_rows_ref[...],
+                runway_lse_ref[...], runway_key_cols_ref[...], values_cols_ref[...],
+                summary_ref[...], earlier_all[rows])
+        head_tiles = _heads_backward(query_ref, key_ref, value_ref, out_grad_ref, lse_ref,
+                                     out_dot_ref, rho, visible, beta=beta, scale=scale,
+                                     groups=groups)
+        for h, (probs_h, ds) in enumerate(head_tiles):
+            dk_acc[h // groups] += scale * common.dot(ds.T.astype(query_ref.dtype), query_ref[h])
+            dv_acc[h // groups] += common.dot(probs_h.T.astype(out_grad_ref.dtype),
+                                              out_grad_ref[h])
+        if runway:
+            drho = _defined_drho(head_tiles, visible, distance, span=span, beta=beta)
+            dprobs, dz, dw = common.runway_backward_tile(
+                probs, drho, distance, values_block, keys_block, span=span, scale=scale,
+                prefix_sum=prefix_all[rows], summary_grad=summary_grad_ref[...],
+                earlier=earlier_all[rows], summary=summary_ref[...])
+            dlogits = probs * (dprobs - delta_ref[...])  # the runway head's softmax backward
+            d_runway_query_ref[rows] += scale * common.dot(dlogits, keys_block)
+            d_runway_key_acc[...] += scale * common.dot(
+                dlogits.T, runway_query_rows_ref[...].astype(jnp.float32))
+            dz_acc[...] += dz
+            dw_acc[...] += dw
+            if span == "exact":  # advance the row prefixes past key block J
+                earlier_all[rows] += common.dot(probs, values_block)
+                prefix_all[rows] += common.dot(drho, keys_block)
+
+    @pl.when(query_block == plan.num_query_blocks - 1)
+    def _finish():
+        dk_ref[...], dv_ref[...] = dk_acc[...], dv_acc[...]
+        d_runway_key_ref[...], dz_ref[...], dw_ref[...] = (
+            d_runway_key_acc[...], dz_acc[...], dw_acc[...])
+
+
+def backward(query, key, value, runway_query, runway_key, segment_ids, out, lse, runway_lse,
+             summary, out_grad, *, plan, beta, coefficient, span, scale, interpret=False):
+    """METHOD (3d) in two pallas_calls; float32 ``(dq, dk, dv, d runway_query, d runway_key)``
+    in kernel layout.
+
+    BQ, grid ``(B, query blocks, key blocks)``: the heads' ``dq``, ``delta_i = sum_j d rho_ij
+    rho_ij`` and (prefix span) ``du``. BK, grid ``(B, key blocks, query blocks)``, both block axes
+    sequential: ``dk``, ``dv`` and the runway gradients. BK keeps, for every row of the batch
+    row, the exact span's prefixes ``S_i`` and ``R_i`` (before the current key block) and the
+    runway head's ``dq^r`` in VMEM (``3 Tp d`` float32: 6 MiB at T = 4096, d = 128), so that each
+    tile sees the row prefixes of the key blocks before it without a ``T x T`` array.
+    """
+    batch, heads, padded, width = query.shape
+    kv_heads = key.shape[1]
+    f32 = jnp.float32
+    values = runway_query if coefficient == "bilinear" else runway_key
+    out_dot = jnp.sum(out_grad.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
+    query_segments, key_segments = segment_ids[:, :, None], segment_ids[:, None, :]
+    bq, bk = plan.block_q, plan.block_k
+    options = dict(plan=plan, beta=beta, span=span, scale=scale)
+
+    # Pass BQ.
+    key_index = _key_block_index(plan)
+    q_heads = pl.BlockSpec((None, heads, bq, width), lambda b, i, j: (b, 0, i, 0))
+    q_stats = pl.BlockSpec((None, heads, bq, 1), lambda b, i, j: (b, 0, i, 0))
+    kv = pl.BlockSpec((None, kv_heads, bk, width), lambda b, i, j: (b, 0, key_index(b, i, j), 0))
+    rows, cols, q_seg, k_seg, row_stats = _specs(plan, width)
+    dq, delta, summary_grad = pl.pallas_call(
+        functools.partial(_backward_query_kernel, **options),
+        grid=(batch, plan.num_query_blocks, plan.num_key_blocks),
+        in_specs=[q_heads, kv, kv, q_heads, q_stats, q_stats, rows, row_stats, rows, cols, cols,
+                  q_seg, k_seg],
+        out_specs=[q_heads, row_stats, rows],
+        out_shape=[jax.ShapeDtypeStruct(query.shape, f32),
+                   jax.ShapeDtypeStruct((batch, padded, 1), f32),
+                   jax.ShapeDtypeStruct((batch, padded, width), f32)],
+        scratch_shapes=[pltpu.VMEM((heads, bq, width), f32), pltpu.VMEM((bq, width), f32),
+                        pltpu.VMEM((bq, 1), f32), pltpu.VMEM((bq, width), f32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=_SEQUENTIAL_KEYS),
+        cost_estimate=common.cost_estimate(pl, batch, heads, kv_heads, width,
+                                           query.dtype.itemsize, plan_=plan, span=span,
+                                           runway=beta != 0.0),
+        interpret=interpret,
+        name="rewired_attention_backward_queries",
+    )(query, key, value, out_grad, lse, out_dot, runway_query, runway_lse, summary, runway_key,
+      values, query_segments, key_segments)
+
+    # Pass BK: grid (b, key block j, query block i); query-side blocks clamped to those that
+    # see key block j.
+    def query_index(b, j, i):
+        return jnp.maximum(i, _first_query_block(j, plan))
+
+    qh = pl.BlockSpec((None, heads, bq, width), lambda b, j, i: (b, 0, query_index(b, j, i), 0))
+    qs = pl.BlockSpec((None, heads, bq, 1), lambda b, j, i: (b, 0, query_index(b, j, i), 0))
+    r_rows = pl.BlockSpec((None, bq, width), lambda b, j, i: (b, query_index(b, j, i), 0))
+    r_stats = pl.BlockSpec((None, bq, 1), lambda b, j, i: (b, query_index(b, j, i), 0))
+    kvb = pl.BlockSpec((None, kv_heads, bk, width), lambda b, j, i: (b, 0, j, 0))
+    r_cols = pl.BlockSpec((None, bk, width), lambda b, j, i: (b, j, 0))
+    qseg = pl.BlockSpec((None, bq, 1), lambda b, j, i: (b, query_index(b, j, i), 0))
+    kseg = pl.BlockSpec((None, 1, bk), lambda b, j, i: (b, 0, j))
+    whole_rows = pl.BlockSpec((None, padded, width), lambda b, j, i: (b, 0, 0))
+    # VMEM: the row-resident S, R and dq^r (dq^r double-buffered as an output), double-buffered
+    # q/dO and k/v blocks, dk/dv output blocks and their float32 accumulators, plus headroom.
+    # Above the default scoped limit (16 MiB) the limit is raised: about 26 MiB at T = 4096,
+    # H = 16, d = 128 and 50 MiB at T = 16384 (within v5e/v5p/v6e VMEM; v4's 32 MiB caps T).
+    itemsize = query.dtype.itemsize
+    resident = 4 * padded * width * 4
+    blocks = (2 * 2 * (heads * bq + kv_heads * bk) * width * itemsize
+              + 3 * 2 * kv_heads * bk * width * 4)
+    vmem = resident + blocks + (8 << 20)
+    params = pltpu.CompilerParams(
+        dimension_semantics=("parallel", "arbitrary", "arbitrary"),
+        vmem_limit_bytes=vmem if vmem > (16 << 20) else None)
+    dk, dv, d_runway_key, dz, dw, d_runway_query = pl.pallas_call(
+        functools.partial(_backward_key_kernel, **options),
+        grid=(batch, plan.num_key_blocks, plan.num_query_blocks),
+        in_specs=[qh, qh, qs, qs, r_rows, r_stats, r_rows, r_stats, r_rows, kvb, kvb, r_cols,
+                  r_cols, qseg, kseg],
+        out_specs=[kvb, kvb, r_cols, r_cols, r_cols, whole_rows],
+        out_shape=[jax.ShapeDtypeStruct(key.shape, f32), jax.ShapeDtypeStruct(value.shape, f32)]
+        + [jax.ShapeDtypeStruct((batch, padded, width), f32)] * 4,
+        scratch_shapes=[pltpu.VMEM((kv_heads, bk, width), f32),
+                        pltpu.VMEM((kv_heads, bk, width), f32)]
+        + [pltpu.VMEM((bk, width), f32)] * 3 + [pltpu.VMEM((padded, width), f32)] * 2,
+        compiler_params=params,
+        cost_estimate=common.cost_estimate(pl, batch, heads, kv_heads, width,
+                                           query.dtype.itemsize, plan_=plan, span=span,
+                                           runway=beta != 0.0),
+        interpret=interpret,
+        name="rewired_attention_backward_keys",
+    )(query, out_grad, lse, out_dot, runway_query, runway_lse, summary, delta, summary_grad, key,
+      value, runway_key, values, query_segments, key_segments)
+    d_runway_key = d_runway_key + dz
+    if coefficient == "bilinear":
+        d_runway_query = d_runway_query + dw
+    else:
+        d_runway_key = d_runway_key + dw
+    return dq, dk, dv, d_runway_query, d_runway_key
