@@ -1,0 +1,54 @@
+"""experiments/study.py --quick: the whole study pipeline (train, evaluate, recall, tables,
+figures) end to end at toy scale, and resuming it reuses every run."""
+
+import json
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+import configs  # noqa: E402  (experiments/configs.py)
+import study  # noqa: E402  (experiments/study.py)
+
+from runway_jax.model import count_parameters  # noqa: E402
+
+
+def test_runs_differ_from_the_base_only_in_their_fields_and_matched_baselines_bracket_rewired():
+    full = configs.study()
+    assert len({run.name for run in full.runs}) == len(full.runs)
+    configs_by_name = {run.name: configs.run_config(full.base, run) for run in full.runs}
+    rewired, baseline = configs_by_name["rewired/seed0"], configs_by_name["baseline/seed0"]
+    assert rewired.replace(model=rewired.model.replace(rewire=False)) == baseline
+    assert configs_by_name["rewired/seed1"].data.shuffle_seed == 1
+    model = full.base.model
+    saved = 2 * model.features * (model.features // model.num_heads) * model.num_layers  # METHOD (1)
+    parameters = {name: count_parameters(configs_by_name[f"{name}/seed0"].model)
+                  for name in ("rewired", "baseline", "baseline_matched_heads")}
+    assert parameters["baseline"] - parameters["rewired"] == saved
+    assert parameters["rewired"] - parameters["baseline_matched_heads"] == saved
+    assert sum(run.seed == 0 for run in full.runs if run.group.startswith("rewired_")) == 7
+
+
+@pytest.mark.slow
+def test_quick_study_writes_results_tables_and_figures(tmp_path, capsys):
+    assert study.main(["--quick", f"--workdir={tmp_path}"]) == 0
+    out = tmp_path / "results"
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["quick"] and len(summary["runs"]) == len(configs.study(quick=True).runs)
+    groups = {run["group"] for run in summary["runs"]}
+    assert {"rewired", "baseline", "baseline_matched_heads", "rewired_nope", "rewired_beta_0.5"} <= groups
+    first = summary["runs"][0]
+    assert set(first) >= {"perplexity", "passkey", "zero_shot", "early_token_mass", "validation_perplexity"}
+    assert summary["recall"]["accuracy"]["rewired"]["2"]["seeds"] == 1
+    tables = (out / "tables.md").read_text()
+    for heading in ("Perplexity", "seed by seed", "Passkey", "Zero-shot", "first 4 tokens", "recall"):
+        assert heading in tables
+    for figure in ("perplexity", "ablations", "passkey", "early_tokens", "zero_shot", "recall"):
+        assert (out / f"{figure}.png").stat().st_size > 5_000
+    capsys.readouterr()
+    # A second call trains nothing new and reuses the cached evaluations.
+    assert study.main(["--quick", f"--workdir={tmp_path}", "--skip_recall"]) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["runs"] == summary["runs"]
