@@ -14,9 +14,8 @@ On a GPU or TPU, for every T (bfloat16), it times forward and forward+backward (
 
 and prints achieved TFLOP/s (analytic FLOPs of METHOD (3c), see ``runway_jax.kernels.common``)
 and time ratios against ``standard`` and ``xla_exact``. Target: the exact kernel within 1.3x of
-cuDNN causal attention forward+backward on an H100. Note: the kernels' backward pass is for now
-the vjp of the "xla" path (see ``runway_jax/kernels/__init__.py``), so forward+backward measures
-that.
+cuDNN causal attention forward+backward on an H100. Forward+backward runs the Pallas backward
+kernels of METHOD (3d); achieved TFLOP/s for it counts 3.5x the forward FLOPs.
 
 On CPU (no kernel to time) it prints the analytic FLOP and HBM-traffic estimate of one call at the
 kernels' default TPU blocks (128 x 128) instead, for the rewired kernel (both spans) and standard

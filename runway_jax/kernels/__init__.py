@@ -10,15 +10,13 @@
 public ``[B, T, H, d]`` layout; :func:`runway_jax.attention.rewired_attention` calls it after its
 argument checks and implementation selection.
 
-Backward pass. ``pallas_tpu``: the Pallas backward kernels of METHOD (3d)
-(:func:`runway_jax.kernels.tpu.backward`; residuals are the padded inputs, the output, the heads'
-and the runway head's log-sum-exp and ``u``). ``pallas_gpu``: for now the ``jax.vjp`` of the
-``"xla"`` blockwise path (:mod:`runway_jax.blockwise`), which recomputes the forward pass one query
-block at a time (memory ``O(Bq T)`` per layer, no ``T x T`` array kept); a Triton port of the TPU
-backward is not written yet (see :mod:`runway_jax.kernels.gpu`).
+Backward pass: the Pallas backward kernels of METHOD (3d) of each target
+(:func:`runway_jax.kernels.tpu.backward`, :func:`runway_jax.kernels.gpu.backward`). Residuals are
+the padded kernel-layout inputs, the output, the heads' and the runway head's log-sum-exp and
+``u`` (``O(T (H + 1) d)``, nothing ``T x T``).
 
-This package imports only ``jax``/``numpy`` and :mod:`runway_jax.masking` /
-:mod:`runway_jax.blockwise` (arrays in, arrays out).
+This package imports only ``jax``/``numpy`` and :mod:`runway_jax.masking` (arrays in, arrays
+out).
 """
 
 from __future__ import annotations
@@ -31,7 +29,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from runway_jax import blockwise
 from runway_jax.kernels import common, gpu, tpu
 from runway_jax.kernels.common import BlockSizes
 
@@ -138,9 +135,7 @@ def _fused(options, query, key, value, runway_query, runway_key, segment_ids):
 def _fused_forward(options, query, key, value, runway_query, runway_key, segment_ids):
     out, kernel_residuals = _run_forward(options, query, key, value, runway_query, runway_key,
                                          segment_ids)
-    if options.target == "pallas_tpu":
-        return out, (kernel_residuals, _dtypes(query, runway_query))
-    return out, (query, key, value, runway_query, runway_key, segment_ids)
+    return out, (kernel_residuals, _dtypes(query, runway_query))
 
 
 def _dtypes(query, runway_query):
@@ -149,43 +144,23 @@ def _dtypes(query, runway_query):
 
 
 def _fused_backward(options, residuals, cotangent):
-    if options.target == "pallas_tpu":
-        return _kernel_backward(options, residuals, cotangent)
-    return _xla_backward(options, residuals, cotangent)
-
-
-def _kernel_backward(options, residuals, cotangent):
-    """The TPU backward kernels of METHOD (3d) (:func:`runway_jax.kernels.tpu.backward`)."""
+    """The backward kernels of METHOD (3d) of the target (``tpu.backward`` / ``gpu.backward``)."""
     kernel_residuals, (query, runway_query) = residuals
     length = query.shape[1]
     plan = common.plan(length, options.block_sizes)
     out_grad = jnp.swapaxes(common.pad_length(cotangent, plan.padded_length), 1, 2)
-    dq, dk, dv, d_runway_query, d_runway_key = tpu.backward(
-        *kernel_residuals, out_grad, plan=plan, beta=options.beta,
-        coefficient=options.coefficient, span=options.span, scale=options.scale,
-        interpret=options.interpret)
+    backward_options = dict(plan=plan, beta=options.beta, coefficient=options.coefficient,
+                            span=options.span, scale=options.scale, interpret=options.interpret)
+    if options.target == "pallas_tpu":
+        grads = tpu.backward(*kernel_residuals, out_grad, **backward_options)
+    else:
+        grads = gpu.backward(*kernel_residuals, out_grad, block_sizes=options.block_sizes,
+                             **backward_options)
+    dq, dk, dv, d_runway_query, d_runway_key = grads
     heads_layout = lambda g: common.from_kernel_layout(g, length).astype(query.dtype)
     runway_layout = lambda g: g[:, :length].astype(runway_query.dtype)
     return (heads_layout(dq), heads_layout(dk), heads_layout(dv), runway_layout(d_runway_query),
             runway_layout(d_runway_key), None)
-
-
-def _xla_backward(options, residuals, cotangent):
-    """The vjp of the "xla" blockwise evaluation of the same function (GPU, for now)."""
-    *inputs, segment_ids = residuals
-
-    def xla_path(query, key, value, runway_query, runway_key):
-        if options.beta == 0.0:
-            return blockwise.causal_attention(query, key, value, segment_ids=segment_ids,
-                                              scale=options.scale, alibi_slopes=None)
-        return blockwise.rewired_attention(
-            query, key, value, runway_query, runway_key, beta=options.beta,
-            runway_coefficient=options.coefficient, runway_span=options.span,
-            segment_ids=segment_ids, scale=options.scale, alibi_slopes=None,
-            runway_alibi_slope=None)
-
-    _, vjp = jax.vjp(xla_path, *inputs)
-    return (*vjp(cotangent), None)
 
 
 _fused.defvjp(_fused_forward, _fused_backward)

@@ -21,6 +21,11 @@ Two ``pallas_call``s:
    keeps its accumulators in registers, so it cannot serve all 16 heads at d = 128; a group of G'
    heads costs about ``(2 G' + 5) Bq Bk d`` per tile (rho amortized over G' heads).
 
+Backward (:func:`backward`, METHOD (3d)): two more passes on the same grid, query-major because
+the exact span's row prefixes ``S_i`` and ``R_i`` only exist in that order: GQ gives ``dq`` and the
+row terms ``delta``, ``du``; GK adds ``dk``, ``dv`` and the runway head's key-indexed gradients with
+float32 atomic adds (the TPU kernel, whose grid runs sequentially, keeps them in VMEM instead).
+
 Layouts: see :mod:`runway_jax.kernels.common`. Every loaded tile has power-of-two sides (Triton's
 requirement): ``Bq``, ``Bk`` and ``d`` must be powers of two.
 """
@@ -205,3 +210,208 @@ def forward(query, key, value, runway_query, runway_key, segment_ids, *, plan, b
                                summary, segment_ids, plan=plan, beta=beta, span=span, scale=scale,
                                block_sizes=block_sizes, interpret=interpret)
     return out, lse, runway_lse, summary
+
+
+# --------------------------------------------------------------------------------------------
+# Backward (METHOD (3d)): two query-major passes; key-indexed gradients by atomic adds.
+# --------------------------------------------------------------------------------------------
+
+
+def _backward_tile(plan, query_block, key_block, cols, head_group, group_heads, groups, refs,
+                   rows_data, earlier, *, beta, span, scale):
+    """The per-tile recomputation both backward passes share: masks, ``A_IJ``, ``rho_IJ`` and
+    every head's ``(P, dS~)``; returns them with ``d rho`` of this head group."""
+    (query_ref, key_ref, value_ref, out_grad_ref, lse_ref, out_dot_ref, runway_key_ref,
+     values_ref, segments_ref) = refs
+    runway_query_rows, runway_lse, summary, query_segments = rows_data
+    visible, distance = _tile_masks(plan, query_block, key_block, query_segments, segments_ref)
+    probs = values_block = keys_block = None
+    rho = jnp.zeros(visible.shape, jnp.float32)
+    if beta != 0.0:
+        values_block = values_ref[cols, :].astype(jnp.float32)  # W_J
+        keys_block = runway_key_ref[cols, :].astype(jnp.float32)  # Z_J
+        logits = common.runway_logits(runway_query_rows, runway_key_ref[cols, :], scale)
+        probs = jnp.where(visible, jnp.exp(logits - runway_lse), 0.0)  # A_IJ
+        rho = common.runway_coefficients_tile(probs, summary, earlier, values_block, keys_block,
+                                              visible, distance, span=span, scale=scale)
+    head_tiles = []
+    for h in range(group_heads):
+        kv_head = (head_group * group_heads + h) // groups
+        head_tiles.append(common.head_backward_tile(
+            query_ref[h], key_ref[kv_head, cols, :], value_ref[kv_head, cols, :],
+            out_grad_ref[h], lse_ref[h], out_dot_ref[h], rho, visible, beta=beta, scale=scale))
+    defined = visible & (distance >= 2) if span == "exact" else visible
+    drho = jnp.where(defined, -beta * sum(ds for _, ds in head_tiles), 0.0)
+    return visible, distance, probs, rho, values_block, keys_block, head_tiles, drho
+
+
+def _backward_query_kernel(query_ref, key_ref, value_ref, out_grad_ref, lse_ref, out_dot_ref,
+                           runway_query_ref, runway_key_ref, values_ref, runway_lse_ref,
+                           summary_ref, segments_ref, dq_ref, delta_ref, summary_grad_ref, *,
+                           plan, beta, span, scale, groups):
+    """Pass GQ: the group's ``dq``, and its part of ``delta`` and (prefix) ``du``."""
+    query_block, head_group = pl.program_id(1), pl.program_id(2)
+    group_heads, width = query_ref.shape[0], query_ref.shape[-1]
+    rows = pl.ds(query_block * plan.block_q, plan.block_q)
+    rows_data = (runway_query_ref[rows, :], runway_lse_ref[...], summary_ref[...],
+                 segments_ref[rows][:, None])
+    refs = (query_ref, key_ref, value_ref, out_grad_ref, lse_ref, out_dot_ref, runway_key_ref,
+            values_ref, segments_ref)
+
+    def step(key_block, carry):
+        dq, earlier, delta, summary_grad = carry
+        cols = pl.ds(key_block * plan.block_k, plan.block_k)
+        _, _, probs, rho, values_block, keys_block, head_tiles, drho = _backward_tile(
+            plan, query_block, key_block, cols, head_group, group_heads, groups, refs, rows_data,
+            earlier, beta=beta, span=span, scale=scale)
+        dq = tuple(dq[h] + scale * common.dot(
+            ds.astype(key_ref.dtype), key_ref[(head_group * group_heads + h) // groups, cols, :])
+            for h, (_, ds) in enumerate(head_tiles))
+        if beta != 0.0:
+            delta = delta + jnp.sum(drho * rho, axis=1, keepdims=True)
+            if span == "prefix":
+                summary_grad = summary_grad + scale * common.dot(drho, keys_block)
+            else:
+                earlier = earlier + common.dot(probs, values_block)
+        return dq, earlier, delta, summary_grad
+
+    zeros = jnp.zeros((plan.block_q, width), jnp.float32)
+    initial = (tuple(zeros for _ in range(group_heads)), zeros,
+               jnp.zeros((plan.block_q, 1), jnp.float32), zeros)
+    dq, _, delta, summary_grad = jax.lax.fori_loop(
+        0, common.last_key_block(query_block, plan) + 1, step, initial)
+    for h in range(group_heads):
+        dq_ref[h] = dq[h]
+    delta_ref[...] = delta
+    summary_grad_ref[...] = summary_grad
+
+
+def _backward_key_kernel(query_ref, key_ref, value_ref, out_grad_ref, lse_ref, out_dot_ref,
+                         runway_query_ref, runway_key_ref, values_ref, runway_lse_ref,
+                         summary_ref, delta_ref, summary_grad_ref, segments_ref,
+                         dk_in, dv_in, d_runway_key_in, dz_in, dw_in,
+                         dk_ref, dv_ref, d_runway_key_ref, dz_ref, dw_ref, d_runway_query_ref, *,
+                         plan, beta, span, scale, groups):
+    """Pass GK: key-indexed gradients of the group, added atomically; the group's part of
+    ``dq^r``. The runway gradients are linear in ``d rho``, so each head group adds the part
+    of its own heads; the terms that do not depend on ``d rho`` (``-A delta``, and for the
+    prefix span everything driven by ``du``) are added by group 0 only."""
+    del dk_in, dv_in, d_runway_key_in, dz_in, dw_in  # aliased to the outputs (zeros)
+    query_block, head_group = pl.program_id(1), pl.program_id(2)
+    group_heads, width = query_ref.shape[0], query_ref.shape[-1]
+    rows = pl.ds(query_block * plan.block_q, plan.block_q)
+    runway_query_rows = runway_query_ref[rows, :]
+    rows_data = (runway_query_rows, runway_lse_ref[...], summary_ref[...],
+                 segments_ref[rows][:, None])
+    refs = (query_ref, key_ref, value_ref, out_grad_ref, lse_ref, out_dot_ref, runway_key_ref,
+            values_ref, segments_ref)
+    first_group = (head_group == 0).astype(jnp.float32)
+    delta = first_group * delta_ref[...]
+    summary_grad = first_group * summary_grad_ref[...]
+
+    def step(key_block, carry):
+        earlier, prefix_sum, d_runway_query = carry
+        cols = pl.ds(key_block * plan.block_k, plan.block_k)
+        _, distance, probs, _, values_block, keys_block, head_tiles, drho = _backward_tile(
+            plan, query_block, key_block, cols, head_group, group_heads, groups, refs, rows_data,
+            earlier, beta=beta, span=span, scale=scale)
+        for h, (probs_h, ds) in enumerate(head_tiles):
+            kv_head = (head_group * group_heads + h) // groups
+            pltriton.atomic_add(dk_ref, (kv_head, cols, slice(None)),
+                                scale * common.dot(ds.T.astype(query_ref.dtype), query_ref[h]))
+            pltriton.atomic_add(dv_ref, (kv_head, cols, slice(None)), common.dot(
+                probs_h.T.astype(out_grad_ref.dtype), out_grad_ref[h]))
+        if beta != 0.0:
+            dprobs, dz, dw = common.runway_backward_tile(
+                probs, drho, distance, values_block, keys_block, span=span, scale=scale,
+                prefix_sum=prefix_sum, summary_grad=summary_grad, earlier=earlier,
+                summary=rows_data[2])
+            dlogits = probs * (dprobs - delta)
+            d_runway_query = d_runway_query + scale * common.dot(dlogits, keys_block)
+            pltriton.atomic_add(d_runway_key_ref, (cols, slice(None)), scale * common.dot(
+                dlogits.T, runway_query_rows.astype(jnp.float32)))
+            pltriton.atomic_add(dz_ref, (cols, slice(None)), dz)
+            pltriton.atomic_add(dw_ref, (cols, slice(None)), dw)
+            if span == "exact":
+                earlier = earlier + common.dot(probs, values_block)
+                prefix_sum = prefix_sum + common.dot(drho, keys_block)
+        return earlier, prefix_sum, d_runway_query
+
+    zeros = jnp.zeros((plan.block_q, width), jnp.float32)
+    _, _, d_runway_query = jax.lax.fori_loop(
+        0, common.last_key_block(query_block, plan) + 1, step, (zeros, zeros, zeros))
+    d_runway_query_ref[...] = d_runway_query
+
+
+def backward(query, key, value, runway_query, runway_key, segment_ids, out, lse, runway_lse,
+             summary, out_grad, *, plan, beta, coefficient, span, scale, block_sizes,
+             interpret=False):
+    """METHOD (3d) on GPU; float32 ``(dq, dk, dv, d runway_query, d runway_key)`` in kernel
+    layout. Both passes run on the grid ``(B, query blocks, head groups)`` like the forward
+    pass: GQ gives ``dq`` and the row terms ``delta_i = sum_j d rho_ij rho_ij`` and ``du``
+    (summed over head groups here); GQ's key-indexed twin GK adds ``dk``, ``dv``, ``dk^r``,
+    ``dz`` and ``dw`` with float32 atomic adds (the exact span's row prefixes ``S_i``, ``R_i``
+    only exist in query-major order, so there is no key-major pass)."""
+    batch, heads, padded, width = query.shape
+    kv_heads = key.shape[1]
+    f32 = jnp.float32
+    group_heads = heads_per_program(heads, block_sizes)
+    num_groups = heads // group_heads
+    values = runway_query if coefficient == "bilinear" else runway_key
+    out_dot = jnp.sum(out_grad.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
+    bq = plan.block_q
+    options = dict(plan=plan, beta=beta, span=span, scale=scale, groups=heads // kv_heads)
+    group_rows = pl.BlockSpec((None, group_heads, bq, width), lambda b, i, g: (b, g, i, 0))
+    group_stats = pl.BlockSpec((None, group_heads, bq, 1), lambda b, i, g: (b, g, i, 0))
+    kv_whole = pl.BlockSpec((None, kv_heads, padded, width), lambda b, i, g: (b, 0, 0, 0))
+    whole = pl.BlockSpec((None, padded, width), lambda b, i, g: (b, 0, 0))
+    row_stats = pl.BlockSpec((None, bq, 1), lambda b, i, g: (b, i, 0))
+    row_values = pl.BlockSpec((None, bq, width), lambda b, i, g: (b, i, 0))
+    per_group_stats = pl.BlockSpec((None, None, bq, 1), lambda b, i, g: (b, g, i, 0))
+    per_group_rows = pl.BlockSpec((None, None, bq, width), lambda b, i, g: (b, g, i, 0))
+    segments = pl.BlockSpec((None, padded), lambda b, i, g: (b, 0))
+    grid = (batch, plan.num_query_blocks, num_groups)
+    cost = common.cost_estimate(pl, batch, heads, kv_heads, width, query.dtype.itemsize,
+                                plan_=plan, span=span, runway=beta != 0.0)
+    shared_inputs = (query, key, value, out_grad, lse, out_dot, runway_query, runway_key, values,
+                     runway_lse, summary)
+    shared_specs = [group_rows, kv_whole, kv_whole, group_rows, group_stats, group_stats, whole,
+                    whole, whole, row_stats, row_values]
+
+    dq, delta, summary_grad = pl.pallas_call(
+        functools.partial(_backward_query_kernel, **options),
+        grid=grid,
+        in_specs=shared_specs + [segments],
+        out_specs=[group_rows, per_group_stats, per_group_rows],
+        out_shape=[jax.ShapeDtypeStruct(query.shape, f32),
+                   jax.ShapeDtypeStruct((batch, num_groups, padded, 1), f32),
+                   jax.ShapeDtypeStruct((batch, num_groups, padded, width), f32)],
+        compiler_params=_compiler_params(block_sizes), cost_estimate=cost, interpret=interpret,
+        name="rewired_attention_backward_queries",
+    )(*shared_inputs, segment_ids)
+    delta, summary_grad = delta.sum(axis=1), summary_grad.sum(axis=1)
+
+    runway_shape = (batch, padded, width)
+    accumulators = [jnp.zeros(key.shape, f32), jnp.zeros(value.shape, f32)] + [
+        jnp.zeros(runway_shape, f32)] * 3
+    first_accumulator = len(shared_inputs) + 3
+    dk, dv, d_runway_key, dz, dw, d_runway_query = pl.pallas_call(
+        functools.partial(_backward_key_kernel, **options),
+        grid=grid,
+        in_specs=shared_specs + [row_stats, row_values, segments, kv_whole, kv_whole, whole,
+                                 whole, whole],
+        out_specs=[kv_whole, kv_whole, whole, whole, whole, per_group_rows],
+        out_shape=[jax.ShapeDtypeStruct(key.shape, f32), jax.ShapeDtypeStruct(value.shape, f32)]
+        + [jax.ShapeDtypeStruct(runway_shape, f32)] * 3
+        + [jax.ShapeDtypeStruct((batch, num_groups, padded, width), f32)],
+        input_output_aliases={first_accumulator + n: n for n in range(5)},
+        compiler_params=_compiler_params(block_sizes), cost_estimate=cost, interpret=interpret,
+        name="rewired_attention_backward_keys",
+    )(*shared_inputs, delta, summary_grad, segment_ids, *accumulators)
+    d_runway_query = d_runway_query.sum(axis=1)
+    d_runway_key = d_runway_key + dz
+    if coefficient == "bilinear":
+        d_runway_query = d_runway_query + dw
+    else:
+        d_runway_key = d_runway_key + dw
+    return dq, dk, dv, d_runway_query, d_runway_key
