@@ -10,6 +10,11 @@
 public ``[B, T, H, d]`` layout; :func:`runway_jax.attention.rewired_attention` calls it after its
 argument checks and implementation selection.
 
+Not supported (the selection falls back to ``"xla"`` or raises): the ALiBi options, which are a
+project extension outside METHOD (adding ``-m (i - j)`` per tile would be cheap, but nothing needs
+it on accelerators yet), a traced ``scale`` (it is baked into the kernels), and on GPU a head width
+that is not a power of two (Triton tiles).
+
 Backward pass: the Pallas backward kernels of METHOD (3d) of each target
 (:func:`runway_jax.kernels.tpu.backward`, :func:`runway_jax.kernels.gpu.backward`). Residuals are
 the padded kernel-layout inputs, the output, the heads' and the runway head's log-sum-exp and

@@ -282,9 +282,10 @@ def forward_cost(batch, length, heads, kv_heads, width, itemsize, *, span, block
 
 def backward_cost(batch, length, heads, kv_heads, width, itemsize, *, span, block_q=128,
                   block_k=128):
-    """A fused flash-style backward (METHOD (3d)) recomputes the forward tile work and adds
-    about 1.5x it in gradient products (``dS V^T``... as FlashAttention-2: 2.5x the forward in
-    all), and moves about twice the forward's bytes (gradients written, dO read)."""
+    """Backward model: a fused flash-style backward (METHOD (3d)) recomputes the forward's tile
+    products and adds the gradient products, about 2.5x the forward FLOPs in all as for
+    FlashAttention-2, and moves about twice the forward's bytes (gradients written, dO read).
+    The kernels here recompute the tiles in both backward passes, so they do somewhat more."""
     flops, transcendentals, hbm_bytes = forward_cost(
         batch, length, heads, kv_heads, width, itemsize, span=span, block_q=block_q,
         block_k=block_k)

@@ -11,6 +11,8 @@ Two ``pallas_call``s, each on the grid ``(B, query blocks, key blocks)``; the ke
    head on ``s^h - beta * rho`` (eq. (3)). Rho is made once per tile and reused by the H heads:
    about ``(2H + 5) Bq Bk d`` multiply-adds per tile against ``2H Bq Bk d`` for standard attention.
 
+The backward pass (:func:`backward`, METHOD (3d)) is two more pallas_calls; see its docstring.
+
 Key blocks above the diagonal are skipped (``pl.when``) and their index map is clamped to the last
 needed block, so they are neither computed nor fetched. Row statistics are ``[Bq, 1]`` columns.
 The runway head's products are float32 (METHOD: softmax statistics and rho in float32); the heads'
@@ -63,6 +65,7 @@ def _runway_statistics_kernel(runway_query_rows_ref, runway_key_rows_ref, values
                               runway_key_cols_ref, values_cols_ref, query_segments_ref,
                               key_segments_ref, lse_ref, summary_ref, max_ref, sum_ref,
                               accumulator_ref, *, plan, scale):
+    # Program ids are read here, outside pl.when: the interpreter cannot evaluate them in a branch.
     query_block, key_block = pl.program_id(1), pl.program_id(2)
 
     @pl.when(key_block == 0)
@@ -260,7 +263,7 @@ def _backward_query_kernel(query_ref, key_ref, value_ref, out_grad_ref, lse_ref,
                            key_segments_ref, dq_ref, delta_ref, summary_grad_ref,
                            dq_acc, earlier_acc, delta_acc, summary_grad_acc, *, plan, beta, span,
                            scale):
-    query_block, key_block = pl.program_id(1), pl.program_id(2)
+    query_block, key_block = pl.program_id(1), pl.program_id(2)  # outside pl.when, see above
     groups = query_ref.shape[0] // key_ref.shape[0]
     runway = beta != 0.0
 
@@ -308,8 +311,8 @@ def _backward_key_kernel(query_ref, out_grad_ref, lse_ref, out_dot_ref, runway_q
                          key_segments_ref, dk_ref, dv_ref, d_runway_key_ref, dz_ref, dw_ref,
                          d_runway_query_ref, dk_acc, dv_acc, d_runway_key_acc, dz_acc, dw_acc,
                          earlier_all, prefix_all, *, plan, beta, span, scale):
-    batch_key_block, query_block = pl.program_id(1), pl.program_id(2)
-    key_block = batch_key_block
+    # Program ids are read here, outside pl.when: the interpreter cannot evaluate them in a branch.
+    key_block, query_block = pl.program_id(1), pl.program_id(2)
     groups = query_ref.shape[0] // key_ref.shape[0]
     runway = beta != 0.0
     rows = pl.ds(pl.multiple_of(query_block * plan.block_q, plan.block_q), plan.block_q)
