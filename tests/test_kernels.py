@@ -217,6 +217,23 @@ def test_lowers_for_its_platform_forward_and_backward(target, span):
             assert "rewired_attention_backward_keys" in text
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_pallas_call_carries_a_cost_estimate(target):
+    """Forward (2) and backward (2) pallas_calls each tell XLA their FLOPs and bytes."""
+    import re
+
+    shape = jax.ShapeDtypeStruct
+    args = [shape((1, 16, 2, 8), jnp.float32)] * 3 + [shape((1, 16, 8), jnp.float32)] * 2
+
+    def loss(*a):
+        return kernels.rewired_attention(*a, target=target, beta=1.0, runway_coefficient="dot",
+                                         runway_span="exact", segment_ids=None, scale=None).sum()
+
+    text = str(jax.make_jaxpr(jax.value_and_grad(loss, argnums=range(5)))(*args))
+    flops = [int(f) for f in re.findall(r"cost_estimate=CostEstimate\(flops=(\d+)", text)]
+    assert text.count("pallas_call[") == len(flops) == 4 and min(flops) > 0
+
+
 # --------------------------------------------------------------------------------------------
 # Implementation selection.
 # --------------------------------------------------------------------------------------------

@@ -319,6 +319,27 @@ def cost_estimate(pl_module, batch, heads, kv_heads, width, itemsize, *, plan_, 
                                   bytes_accessed=int(hbm_bytes))
 
 
+def backward_pass_estimate(pl_module, batch, heads, kv_heads, width, itemsize, *, plan_, span,
+                           runway=True, key_pass):
+    """``pl.CostEstimate`` of one backward pallas_call (METHOD (3d)), per computed tile in units
+    of ``Bq Bk d`` multiply-adds. Query pass: the heads' ``QK^T``, ``dO V^T``, ``dS K`` (3H), the
+    runway recomputation (5 exact / 1 prefix, plus its logits) and ``d rho`` terms (2). Key pass:
+    the heads' ``QK^T``, ``dO V^T``, ``dS^T Q``, ``P^T dO`` (4H), the runway recomputation and
+    the runway gradients (``dA``, ``dz``, ``dw``, ``dq^r``, ``dk^r``, prefixes: about 10)."""
+    tiles, _ = computed_tiles(plan_.padded_length, plan_.block_q, plan_.block_k)
+    tile = plan_.block_q * plan_.block_k
+    recompute = (6 if span == "exact" else 2) if runway else 0
+    units = (4 * heads + recompute + (10 if runway else 0) if key_pass
+             else 3 * heads + recompute + (2 if runway else 0))
+    _, _, forward_bytes = forward_cost(batch, plan_.padded_length, heads, kv_heads, width,
+                                       itemsize, span=span, block_q=plan_.block_q,
+                                       block_k=plan_.block_k, runway=runway)
+    return pl_module.CostEstimate(
+        flops=int(batch * 2 * tiles * tile * width * units),
+        transcendentals=int(batch * tiles * tile * (heads + (1 if runway else 0))),
+        bytes_accessed=int(2 * forward_bytes))  # dO read and f32 gradients written on top
+
+
 def standard_attention_cost(batch, length, heads, kv_heads, width, itemsize, block_q=128,
                             block_k=128):
     """``(flops, hbm_bytes)`` of standard causal flash attention forward, counted the same way."""

@@ -43,7 +43,13 @@ from runway_jax.kernels import common
 
 
 def heads_per_program(heads, block_sizes: common.BlockSizes) -> int:
-    """The largest divisor of ``heads`` not above ``block_sizes.heads_per_program``."""
+    """The largest divisor of ``heads`` not above ``block_sizes.heads_per_program``.
+
+    A head count without such a divisor shares rho less: 15 rewired heads (a 16-head layer) with
+    the default 2 give groups of 1, so each head re-forms rho (about ``7/2 = 3.5x`` standard
+    attention's tile work instead of ``(2 G' + 5) / 2 G'``); use ``heads_per_program=3`` or ``5``
+    for such models, as far as registers allow.
+    """
     wanted = heads if block_sizes.heads_per_program is None else block_sizes.heads_per_program
     return max(n for n in range(1, min(wanted, heads) + 1) if heads % n == 0)
 
@@ -371,8 +377,8 @@ def backward(query, key, value, runway_query, runway_key, segment_ids, out, lse,
     per_group_rows = pl.BlockSpec((None, None, bq, width), lambda b, i, g: (b, g, i, 0))
     segments = pl.BlockSpec((None, padded), lambda b, i, g: (b, 0))
     grid = (batch, plan.num_query_blocks, num_groups)
-    cost = common.cost_estimate(pl, batch, heads, kv_heads, width, query.dtype.itemsize,
-                                plan_=plan, span=span, runway=beta != 0.0)
+    cost_of = functools.partial(common.backward_pass_estimate, pl, batch, heads, kv_heads, width,
+                                query.dtype.itemsize, plan_=plan, span=span, runway=beta != 0.0)
     shared_inputs = (query, key, value, out_grad, lse, out_dot, runway_query, runway_key, values,
                      runway_lse, summary)
     shared_specs = [group_rows, kv_whole, kv_whole, group_rows, group_stats, group_stats, whole,
@@ -386,8 +392,8 @@ def backward(query, key, value, runway_query, runway_key, segment_ids, out, lse,
         out_shape=[jax.ShapeDtypeStruct(query.shape, f32),
                    jax.ShapeDtypeStruct((batch, num_groups, padded, 1), f32),
                    jax.ShapeDtypeStruct((batch, num_groups, padded, width), f32)],
-        compiler_params=_compiler_params(block_sizes), cost_estimate=cost, interpret=interpret,
-        name="rewired_attention_backward_queries",
+        compiler_params=_compiler_params(block_sizes), cost_estimate=cost_of(key_pass=False),
+        interpret=interpret, name="rewired_attention_backward_queries",
     )(*shared_inputs, segment_ids)
     delta, summary_grad = delta.sum(axis=1), summary_grad.sum(axis=1)
 
@@ -405,8 +411,8 @@ def backward(query, key, value, runway_query, runway_key, segment_ids, out, lse,
         + [jax.ShapeDtypeStruct(runway_shape, f32)] * 3
         + [jax.ShapeDtypeStruct((batch, num_groups, padded, width), f32)],
         input_output_aliases={first_accumulator + n: n for n in range(5)},
-        compiler_params=_compiler_params(block_sizes), cost_estimate=cost, interpret=interpret,
-        name="rewired_attention_backward_keys",
+        compiler_params=_compiler_params(block_sizes), cost_estimate=cost_of(key_pass=True),
+        interpret=interpret, name="rewired_attention_backward_keys",
     )(*shared_inputs, delta, summary_grad, segment_ids, *accumulators)
     d_runway_query = d_runway_query.sum(axis=1)
     d_runway_key = d_runway_key + dz
