@@ -35,6 +35,20 @@ def fused(target, block_sizes, inputs, **options):
                                      interpret=True, scale=None, **options)
 
 
+def test_gpu_pads_heads_to_a_multiple_of_the_group():
+    """3 heads over 1 key/value head in groups of 2 run as 4 heads; the padded head changes
+    nothing (forward, all five gradients)."""
+    inputs = make_inputs(33, 1, 13, 3, 1, 8)
+    options = dict(beta=0.8, runway_coefficient="bilinear", runway_span="exact",
+                   segment_ids=make_segments(33, 1, 13))
+    got, vjp = jax.vjp(lambda *a: fused("pallas_gpu", SMALL_BLOCKS, a, **options), *inputs)
+    want, want_vjp = jax.vjp(lambda *a: direct(*a, **options)[0], *inputs)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    cotangent = jax.random.normal(jax.random.key(34), got.shape)
+    for name, g, w in zip(NAMES, vjp(cotangent), want_vjp(cotangent)):
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=0, err_msg=f"d{name}")
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("target", TARGETS)
 def test_float32_forward_and_gradients_match_direct_evaluation(target, case):
@@ -352,7 +366,9 @@ def test_training_with_kernel_attention_on_eight_devices(tmp_path):
 
     def config(implementation):
         return TrainConfig(
-            model=model_preset("tiny", attention_implementation=implementation),
+            # 4 rewired heads (5 with the runway head): the model axis (2) splits them.
+            model=model_preset("tiny", num_layers=1, features=80, num_heads=5,
+                               attention_implementation=implementation),
             data=DataConfig(source="recall", seq_len=16, batch_size=8, recall_pairs=2,
                             recall_queries=2),
             steps=2, log_every=1, eval_every=100, eval_batches=1, checkpoint_every=100,

@@ -43,15 +43,30 @@ from runway_jax.kernels import common
 
 
 def heads_per_program(heads, block_sizes: common.BlockSizes) -> int:
-    """The largest divisor of ``heads`` not above ``block_sizes.heads_per_program``.
-
-    A head count without such a divisor shares rho less: 15 rewired heads (a 16-head layer) with
-    the default 2 give groups of 1, so each head re-forms rho (about ``7/2 = 3.5x`` standard
-    attention's tile work instead of ``(2 G' + 5) / 2 G'``); use ``heads_per_program=3`` or ``5``
-    for such models, as far as registers allow.
-    """
+    """Rewired heads one program serves: ``block_sizes.heads_per_program`` (all when ``None``),
+    at most ``heads``. When it does not divide ``heads`` the kernels add zero heads up to a
+    multiple (see :func:`pad_heads`): 15 rewired heads (a 16-head layer) in groups of 2 run as
+    16, which costs one head's ``QK^T`` and ``PV`` but keeps rho shared by two heads
+    (``(2 G' + 5) / 2 G'``); groups of 1 would re-form rho for every head (``3.5x``)."""
     wanted = heads if block_sizes.heads_per_program is None else block_sizes.heads_per_program
-    return max(n for n in range(1, min(wanted, heads) + 1) if heads % n == 0)
+    return min(wanted, heads)
+
+
+def pad_heads(x, multiple, value=0.0):
+    """``[B, H, ...] -> [B, H', ...]`` with ``H'`` the next multiple of ``multiple``; the padded
+    heads hold ``value``."""
+    extra = -x.shape[1] % multiple
+    if not extra:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _kv_head(head_group, group_heads, h, groups, kv_heads):
+    """Key/value head of head ``h`` of a group; padded heads (beyond the real ones) borrow the
+    last key/value head (their queries and output gradients are zero)."""
+    return jnp.minimum((head_group * group_heads + h) // groups, kv_heads - 1)
 
 
 def _check_width(width):
@@ -129,7 +144,8 @@ def _rewired_forward_kernel(query_ref, key_ref, value_ref, runway_query_ref, run
     runway_query_rows = runway_query_ref[rows, :]
     runway_lse, summary = runway_lse_ref[...], summary_ref[...]
     queries = [query_ref[h] for h in range(group_heads)]  # stay in registers / shared memory
-    kv_heads = [(head_group * group_heads + h) // groups for h in range(group_heads)]
+    kv_heads = [_kv_head(head_group, group_heads, h, groups, key_ref.shape[0])
+                for h in range(group_heads)]
 
     def step(key_block, carry):
         earlier, stats = carry
@@ -170,10 +186,11 @@ def _rewired_forward_kernel(query_ref, key_ref, value_ref, runway_query_ref, run
 def rewired_forward(query, key, value, runway_query, runway_key, values, runway_lse, summary,
                     segment_ids, *, plan, beta, span, scale, block_sizes, interpret=False):
     """Pass 2 (METHOD (3c)): ``(out [B, H, Tp, d], lse [B, H, Tp, 1])``."""
+    real_heads, kv_heads = query.shape[1], key.shape[1]
+    _check_width(query.shape[-1])
+    group_heads = heads_per_program(real_heads, block_sizes)
+    query = pad_heads(query, group_heads)
     batch, heads, padded, width = query.shape
-    kv_heads = key.shape[1]
-    _check_width(width)
-    group_heads = heads_per_program(heads, block_sizes)
     query_spec = pl.BlockSpec((None, group_heads, plan.block_q, width),
                               lambda b, i, g: (b, g, i, 0))
     kv_spec = pl.BlockSpec((None, kv_heads, padded, width), lambda b, i, g: (b, 0, 0, 0))
@@ -182,8 +199,8 @@ def rewired_forward(query, key, value, runway_query, runway_key, values, runway_
     row_values = pl.BlockSpec((None, plan.block_q, width), lambda b, i, g: (b, i, 0))
     segments = pl.BlockSpec((None, padded), lambda b, i, g: (b, 0))
     kernel = functools.partial(_rewired_forward_kernel, plan=plan, beta=beta, span=span,
-                               scale=scale, groups=heads // kv_heads)
-    return pl.pallas_call(
+                               scale=scale, groups=real_heads // kv_heads)
+    out, lse = pl.pallas_call(
         kernel,
         grid=(batch, plan.num_query_blocks, heads // group_heads),
         in_specs=[query_spec, kv_spec, kv_spec, whole, whole, whole, row_stats, row_values,
@@ -199,6 +216,7 @@ def rewired_forward(query, key, value, runway_query, runway_key, values, runway_
         interpret=interpret,
         name="rewired_attention_forward",
     )(query, key, value, runway_query, runway_key, values, runway_lse, summary, segment_ids)
+    return out[:, :real_heads], lse[:, :real_heads]
 
 
 def forward(query, key, value, runway_query, runway_key, segment_ids, *, plan, beta, coefficient,
@@ -242,7 +260,7 @@ def _backward_tile(plan, query_block, key_block, cols, head_group, group_heads, 
                                               visible, distance, span=span, scale=scale)
     head_tiles = []
     for h in range(group_heads):
-        kv_head = (head_group * group_heads + h) // groups
+        kv_head = _kv_head(head_group, group_heads, h, groups, key_ref.shape[0])
         head_tiles.append(common.head_backward_tile(
             query_ref[h], key_ref[kv_head, cols, :], value_ref[kv_head, cols, :],
             out_grad_ref[h], lse_ref[h], out_dot_ref[h], rho, visible, beta=beta, scale=scale))
@@ -271,7 +289,8 @@ def _backward_query_kernel(query_ref, key_ref, value_ref, out_grad_ref, lse_ref,
             plan, query_block, key_block, cols, head_group, group_heads, groups, refs, rows_data,
             earlier, beta=beta, span=span, scale=scale)
         dq = tuple(dq[h] + scale * common.dot(
-            ds.astype(key_ref.dtype), key_ref[(head_group * group_heads + h) // groups, cols, :])
+            ds.astype(key_ref.dtype),
+            key_ref[_kv_head(head_group, group_heads, h, groups, key_ref.shape[0]), cols, :])
             for h, (_, ds) in enumerate(head_tiles))
         if beta != 0.0:
             delta = delta + jnp.sum(drho * rho, axis=1, keepdims=True)
@@ -322,7 +341,7 @@ def _backward_key_kernel(query_ref, key_ref, value_ref, out_grad_ref, lse_ref, o
             plan, query_block, key_block, cols, head_group, group_heads, groups, refs, rows_data,
             earlier, beta=beta, span=span, scale=scale)
         for h, (probs_h, ds) in enumerate(head_tiles):
-            kv_head = (head_group * group_heads + h) // groups
+            kv_head = _kv_head(head_group, group_heads, h, groups, key_ref.shape[0])
             pltriton.atomic_add(dk_ref, (kv_head, cols, slice(None)),
                                 scale * common.dot(ds.T.astype(query_ref.dtype), query_ref[h]))
             pltriton.atomic_add(dv_ref, (kv_head, cols, slice(None)), common.dot(
@@ -358,15 +377,19 @@ def backward(query, key, value, runway_query, runway_key, segment_ids, out, lse,
     (summed over head groups here); GQ's key-indexed twin GK adds ``dk``, ``dv``, ``dk^r``,
     ``dz`` and ``dw`` with float32 atomic adds (the exact span's row prefixes ``S_i``, ``R_i``
     only exist in query-major order, so there is no key-major pass)."""
-    batch, heads, padded, width = query.shape
-    kv_heads = key.shape[1]
+    real_heads, kv_heads = query.shape[1], key.shape[1]
     f32 = jnp.float32
-    group_heads = heads_per_program(heads, block_sizes)
+    group_heads = heads_per_program(real_heads, block_sizes)
+    # Padded heads (see pad_heads) have zero queries and zero output gradients, and an infinite
+    # lse, so that their P and dS~ are exactly zero: they add nothing to any gradient.
+    query, out, out_grad = (pad_heads(x, group_heads) for x in (query, out, out_grad))
+    lse = pad_heads(lse, group_heads, value=float("inf"))
+    batch, heads, padded, width = query.shape
     num_groups = heads // group_heads
     values = runway_query if coefficient == "bilinear" else runway_key
     out_dot = jnp.sum(out_grad.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
     bq = plan.block_q
-    options = dict(plan=plan, beta=beta, span=span, scale=scale, groups=heads // kv_heads)
+    options = dict(plan=plan, beta=beta, span=span, scale=scale, groups=real_heads // kv_heads)
     group_rows = pl.BlockSpec((None, group_heads, bq, width), lambda b, i, g: (b, g, i, 0))
     group_stats = pl.BlockSpec((None, group_heads, bq, 1), lambda b, i, g: (b, g, i, 0))
     kv_whole = pl.BlockSpec((None, kv_heads, padded, width), lambda b, i, g: (b, 0, 0, 0))
@@ -414,7 +437,7 @@ def backward(query, key, value, runway_query, runway_key, segment_ids, out, lse,
         compiler_params=_compiler_params(block_sizes), cost_estimate=cost_of(key_pass=True),
         interpret=interpret, name="rewired_attention_backward_keys",
     )(*shared_inputs, delta, summary_grad, segment_ids, *accumulators)
-    d_runway_query = d_runway_query.sum(axis=1)
+    dq, d_runway_query = dq[:, :real_heads], d_runway_query.sum(axis=1)
     d_runway_key = d_runway_key + dz
     if coefficient == "bilinear":
         d_runway_query = d_runway_query + dw
