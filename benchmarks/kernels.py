@@ -158,8 +158,13 @@ def main(argv=None):
                                       args.repeats, backend)
     else:
         results["timed"] = None
-        results["note"] = ("no GPU or TPU: only the analytic estimate; run this script on an "
-                           "accelerator for times")
+        results["note"] = (
+            f"measured on {results['device']} (no GPU or TPU): no kernel times, only the analytic "
+            "estimate above. What CPU can check is in tests/test_kernels.py: the kernels' "
+            "forward and backward in Pallas interpret mode against METHOD's direct evaluation, "
+            "and jax.export lowering for platforms tpu and cuda at B=4 T=4096 H=16 d=128 "
+            "bfloat16. Run this script on an H100 or a TPU for times; the target is the exact "
+            "kernel within 1.3x of cuDNN causal attention forward+backward on an H100.")
         print(results["note"])
     write_results(results, args.out)
     return results
