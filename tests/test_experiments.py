@@ -10,6 +10,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 import configs  # noqa: E402  (experiments/configs.py)
+import report  # noqa: E402  (experiments/report.py)
 import study  # noqa: E402  (experiments/study.py)
 
 from runway_jax.model import count_parameters  # noqa: E402
@@ -43,7 +44,8 @@ def test_quick_study_writes_results_tables_and_figures(tmp_path, capsys):
     assert set(first) >= {"perplexity", "passkey", "zero_shot", "early_token_mass", "validation_perplexity"}
     assert summary["recall"]["accuracy"]["rewired"]["2"]["seeds"] == 1
     tables = (out / "tables.md").read_text()
-    for heading in ("Perplexity", "seed by seed", "Passkey", "Zero-shot", "first 4 tokens", "recall"):
+    for heading in ("Perplexity", "seed by seed", "loss by position", "Passkey", "Zero-shot", "first 4 tokens",
+                    "recall"):
         assert heading in tables
     for figure in ("perplexity", "ablations", "passkey", "early_tokens", "zero_shot", "recall"):
         assert (out / f"{figure}.png").stat().st_size > 5_000
@@ -52,3 +54,14 @@ def test_quick_study_writes_results_tables_and_figures(tmp_path, capsys):
     assert study.main(["--quick", f"--workdir={tmp_path}", "--skip_recall"]) == 0
     assert "nothing to train" in capsys.readouterr().out
     assert json.loads((out / "results.json").read_text())["runs"] == summary["runs"]
+
+
+def test_published_tables_are_what_report_makes_of_the_published_results(tmp_path):
+    """docs/results/tables.md (quoted by docs/results.md) must follow from docs/results/results.json."""
+    published = ROOT / "docs" / "results"
+    summary = json.loads((published / "results.json").read_text())
+    assert not summary["quick"] and len(summary["runs"]) == len(configs.study().runs)
+    assert [run["run"] for run in summary["runs"]] == [run.name for run in configs.study().runs]
+    report.write(summary, str(tmp_path))
+    strip = lambda text: text.split("-->", 1)[1]  # the header names the generating command
+    assert strip((tmp_path / "tables.md").read_text()) == strip((published / "tables.md").read_text())

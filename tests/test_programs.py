@@ -61,3 +61,17 @@ def test_decode_benchmark_runs_and_writes_json(tmp_path):
                    check=True, capture_output=True, timeout=600)
     row = json.loads(out.read_text())["rows"][0]
     assert row["cache_length"] == 16 and row["ratio"] > 0
+
+
+def test_memory_benchmark_counts_parameters_and_optimizer_state(tmp_path):
+    out = tmp_path / "memory.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--preset=tiny",
+                    "--micro_batches=2,16", "--seq_len=64", f"--out={out}"],
+                   check=True, capture_output=True, timeout=600)
+    small, large = json.loads(out.read_text())["rows"]
+    for kind in ("rewired", "baseline"):
+        # float32 parameters + AdamW's two moments, at least; the donated state is aliased.
+        assert small[kind]["arguments"] >= 12 * small[kind]["parameters"]
+        assert small[kind]["aliased"] >= 12 * small[kind]["parameters"]
+        assert large[kind]["temporaries"] > small[kind]["temporaries"]  # activations grow with the batch
+    assert small["rewired"]["parameters"] < small["baseline"]["parameters"]
