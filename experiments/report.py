@@ -146,7 +146,7 @@ def _early_table(groups):
         lines.append(f"| {group} | " + " | ".join(
             _spread([run["early_token_mass"][i]["mass"] for run in runs], 3) for i in range(layers)) + " |")
     uniform = rows[0][1][0]["early_token_mass"][0]["uniform"]
-    lines.append(f"| uniform attention | " + " | ".join(f"{uniform:.3f}" for _ in range(layers)) + " |")
+    lines.append("| uniform attention | " + " | ".join(f"{uniform:.3f}" for _ in range(layers)) + " |")
     return "\n".join(lines)
 
 
