@@ -56,6 +56,15 @@ def analytic_rows(lengths, batch, heads, width, itemsize=2):
                 f"{span}_forward_backward_hbm_bytes": hbm + back_hbm,
                 f"{span}_flop_ratio_to_standard": flops / standard_flops,
             })
+        # The GPU kernel's default: smaller tiles, and rho re-formed by every head group.
+        gpu = common.BlockSizes.gpu_default()
+        groups = -(-heads // gpu.heads_per_program)
+        tiles = dict(block_q=gpu.block_q, block_k=gpu.block_k)
+        gpu_standard, _ = common.standard_attention_cost(batch, length, heads, heads, width, itemsize, **tiles)
+        gpu_exact, _, _ = common.forward_cost(batch, length, groups * gpu.heads_per_program, heads, width,
+                                              itemsize, span="exact", head_groups=groups, **tiles)
+        row["gpu_head_groups"] = groups
+        row["gpu_exact_flop_ratio_to_standard"] = gpu_exact / gpu_standard
         rows.append(row)
     return rows
 
@@ -72,6 +81,9 @@ def print_analytic(rows, batch, heads, width):
               f"{r['exact_forward_backward_flops'] / TERA:>9.3f} TF "
               f"{r['standard_forward_hbm_bytes'] / 2**20:>7.0f} MiB "
               f"{r['exact_forward_hbm_bytes'] / 2**20:>7.0f} MiB")
+    first = rows[0]
+    print(f"GPU kernel defaults (64 x 64 tiles, {first['gpu_head_groups']} head groups that each re-form "
+          f"rho): exact forward {first['gpu_exact_flop_ratio_to_standard']:.2f}x the FLOPs of standard attention")
 
 
 def measure(fn, inputs, repeats):

@@ -252,7 +252,7 @@ def computed_tiles(length, block_q=128, block_k=128):
 
 
 def forward_cost(batch, length, heads, kv_heads, width, itemsize, *, span, block_q=128,
-                 block_k=128, runway=True):
+                 block_k=128, runway=True, head_groups=1):
     """``(flops, transcendentals, hbm_bytes)`` of the two forward pallas_calls (METHOD (3c)).
 
     Per computed tile the rewired heads cost ``2 H Bq Bk d`` multiply-adds (QK^T and PV); the
@@ -261,15 +261,17 @@ def forward_cost(batch, length, heads, kv_heads, width, itemsize, *, span, block
     and ``2 Bq Bk d`` in its statistics pass. HBM traffic: every query block reads the key-side
     blocks it needs (K, V of all key/value heads, runway key and w, segment ids) once; queries,
     outputs and the per-row float32 statistics are read or written once. ``runway=False``
-    (``beta = 0``) drops all runway terms.
+    (``beta = 0``) drops all runway terms. ``head_groups``: how many programs per query block
+    split the heads and each re-form rho (1 on TPU; ``H / heads_per_program`` on GPU), which
+    multiplies the main pass's runway terms.
     """
     tiles, plan_ = computed_tiles(length, block_q, block_k)
     tile = plan_.block_q * plan_.block_k
-    runway_products = (5 if span == "exact" else 1) + 2 if runway else 0
+    runway_products = (5 if span == "exact" else 1) * head_groups + 2 if runway else 0
     flops = 2 * tiles * tile * width * (2 * heads + runway_products)
-    transcendentals = tiles * tile * (heads + (2 if runway else 0))
+    transcendentals = tiles * tile * (heads + (head_groups + 1 if runway else 0))
     key_side = plan_.block_k * (2 * kv_heads * width * itemsize + 4
-                                + (2 * width * itemsize if runway else 0))
+                                + (2 * width * itemsize * head_groups if runway else 0))
     per_token = 2 * heads * width * itemsize + 4 * heads  # q read, out written, lse written
     if runway:
         # statistics pass: its own key-side reads, rows of q^r, k^r, w; u and lse^r written,
@@ -281,14 +283,14 @@ def forward_cost(batch, length, heads, kv_heads, width, itemsize, *, span, block
 
 
 def backward_cost(batch, length, heads, kv_heads, width, itemsize, *, span, block_q=128,
-                  block_k=128):
+                  block_k=128, head_groups=1):
     """Backward model: a fused flash-style backward (METHOD (3d)) recomputes the forward's tile
     products and adds the gradient products, about 2.5x the forward FLOPs in all as for
     FlashAttention-2, and moves about twice the forward's bytes (gradients written, dO read).
     The kernels here recompute the tiles in both backward passes, so they do somewhat more."""
     flops, transcendentals, hbm_bytes = forward_cost(
         batch, length, heads, kv_heads, width, itemsize, span=span, block_q=block_q,
-        block_k=block_k)
+        block_k=block_k, head_groups=head_groups)
     return int(2.5 * flops), 2 * transcendentals, 2 * hbm_bytes
 
 
@@ -302,7 +304,7 @@ def runway_statistics_cost(batch, plan_, width, itemsize):
 
 
 def cost_estimate(pl_module, batch, heads, kv_heads, width, itemsize, *, plan_, span=None,
-                  runway=True, statistics_pass=False):
+                  runway=True, statistics_pass=False, head_groups=1):
     """``pl.CostEstimate`` of one pallas_call: the statistics pass, or the main pass (the whole
     forward minus the statistics pass)."""
     stats = runway_statistics_cost(batch, plan_, width, itemsize)
@@ -311,7 +313,7 @@ def cost_estimate(pl_module, batch, heads, kv_heads, width, itemsize, *, plan_, 
     else:
         flops, transcendentals, hbm_bytes = forward_cost(
             batch, plan_.padded_length, heads, kv_heads, width, itemsize, span=span,
-            block_q=plan_.block_q, block_k=plan_.block_k, runway=runway)
+            block_q=plan_.block_q, block_k=plan_.block_k, runway=runway, head_groups=head_groups)
         if runway:
             flops, transcendentals, hbm_bytes = (a - b for a, b in zip(
                 (flops, transcendentals, hbm_bytes), stats))
@@ -320,23 +322,24 @@ def cost_estimate(pl_module, batch, heads, kv_heads, width, itemsize, *, plan_, 
 
 
 def backward_pass_estimate(pl_module, batch, heads, kv_heads, width, itemsize, *, plan_, span,
-                           runway=True, key_pass):
+                           runway=True, key_pass, head_groups=1):
     """``pl.CostEstimate`` of one backward pallas_call (METHOD (3d)), per computed tile in units
     of ``Bq Bk d`` multiply-adds. Query pass: the heads' ``QK^T``, ``dO V^T``, ``dS K`` (3H), the
     runway recomputation (5 exact / 1 prefix, plus its logits) and ``d rho`` terms (2). Key pass:
     the heads' ``QK^T``, ``dO V^T``, ``dS^T Q``, ``P^T dO`` (4H), the runway recomputation and
-    the runway gradients (``dA``, ``dz``, ``dw``, ``dq^r``, ``dk^r``, prefixes: about 10)."""
+    the runway gradients (``dA``, ``dz``, ``dw``, ``dq^r``, ``dk^r``, prefixes: about 10); the
+    runway terms once per head group (see :func:`forward_cost`)."""
     tiles, _ = computed_tiles(plan_.padded_length, plan_.block_q, plan_.block_k)
     tile = plan_.block_q * plan_.block_k
     recompute = (6 if span == "exact" else 2) if runway else 0
-    units = (4 * heads + recompute + (10 if runway else 0) if key_pass
-             else 3 * heads + recompute + (2 if runway else 0))
+    runway_units = recompute + (10 if key_pass else 2) if runway else 0
+    units = (4 if key_pass else 3) * heads + runway_units * head_groups
     _, _, forward_bytes = forward_cost(batch, plan_.padded_length, heads, kv_heads, width,
                                        itemsize, span=span, block_q=plan_.block_q,
-                                       block_k=plan_.block_k, runway=runway)
+                                       block_k=plan_.block_k, runway=runway, head_groups=head_groups)
     return pl_module.CostEstimate(
         flops=int(batch * 2 * tiles * tile * width * units),
-        transcendentals=int(batch * tiles * tile * (heads + (1 if runway else 0))),
+        transcendentals=int(batch * tiles * tile * (heads + (head_groups if runway else 0))),
         bytes_accessed=int(2 * forward_bytes))  # dO read and f32 gradients written on top
 
 

@@ -19,7 +19,12 @@ Two ``pallas_call``s:
    blocks ``J <= I`` in a ``fori_loop``, forms ``rho_IJ`` once and runs the online softmax of
    ``heads_per_program`` heads on ``s^h - beta * rho``. Unlike the TPU kernel, a Triton program
    keeps its accumulators in registers, so it cannot serve all 16 heads at d = 128; a group of G'
-   heads costs about ``(2 G' + 5) Bq Bk d`` per tile (rho amortized over G' heads).
+   heads costs about ``(2 G' + 5) Bq Bk d`` per tile (rho amortized over G' heads). At the
+   defaults (G' = 2) a 16-head layer runs 8 groups, about 2.3x the FLOPs of standard attention
+   (``python benchmarks/kernels.py`` prints the estimate) against 1.22x for the TPU kernel, which
+   serves all heads in one program. Closing that gap needs more heads per program (G' = 4 at
+   ``Bq = 64, d = 128`` holds 128 KiB of float32 accumulators, half an SM's register file: 1.6x)
+   or a Mosaic GPU kernel; both need a GPU to tune on.
 
 Backward (:func:`backward`, METHOD (3d)): two more passes on the same grid, query-major because
 the exact span's row prefixes ``S_i`` and ``R_i`` only exist in that order: GQ gives ``dq`` and the
@@ -212,7 +217,7 @@ def rewired_forward(query, key, value, runway_query, runway_key, values, runway_
         compiler_params=_compiler_params(block_sizes),
         cost_estimate=common.cost_estimate(pl, batch, heads, kv_heads, width,
                                            query.dtype.itemsize, plan_=plan, span=span,
-                                           runway=beta != 0.0),
+                                           runway=beta != 0.0, head_groups=heads // group_heads),
         interpret=interpret,
         name="rewired_attention_forward",
     )(query, key, value, runway_query, runway_key, values, runway_lse, summary, segment_ids)
@@ -401,7 +406,8 @@ def backward(query, key, value, runway_query, runway_key, segment_ids, out, lse,
     segments = pl.BlockSpec((None, padded), lambda b, i, g: (b, 0))
     grid = (batch, plan.num_query_blocks, num_groups)
     cost_of = functools.partial(common.backward_pass_estimate, pl, batch, heads, kv_heads, width,
-                                query.dtype.itemsize, plan_=plan, span=span, runway=beta != 0.0)
+                                query.dtype.itemsize, plan_=plan, span=span, runway=beta != 0.0,
+                                head_groups=num_groups)
     shared_inputs = (query, key, value, out_grad, lse, out_dot, runway_query, runway_key, values,
                      runway_lse, summary)
     shared_specs = [group_rows, kv_whole, kv_whole, group_rows, group_stats, group_stats, whole,
