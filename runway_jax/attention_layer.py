@@ -57,7 +57,7 @@ class AttentionConfig:
     keep_runway_head_output: bool = False
     position: str = "rope"
     rope_base: float = 10_000.0
-    implementation: Optional[str] = None
+    implementation: Optional[str] = None  # a name, "name,name,..." (fallback order) or None
 
     def __post_init__(self):
         def fail(field, allowed):
@@ -90,8 +90,19 @@ class AttentionConfig:
             fail("position", f"use one of {POSITION_ENCODINGS}")
         if not self.rope_base > 0:
             fail("rope_base", "use a positive number")
-        if self.implementation not in attention.IMPLEMENTATIONS + (None,):
-            fail("implementation", f"use one of {attention.IMPLEMENTATIONS} or None")
+        if self.implementation is not None and (
+                not isinstance(self.implementation, str)
+                or not all(name in attention.IMPLEMENTATIONS for name in self.implementation.split(","))):
+            fail("implementation", f"use one of {attention.IMPLEMENTATIONS}, several in order of "
+                 "preference separated by commas (e.g. 'pallas_gpu,xla'), or None")
+
+    @property
+    def implementations(self):
+        """``implementation`` as ``rewired_attention`` takes it: None, one name, or a tuple tried
+        in order (from a comma-separated string, so configs and flags stay plain strings)."""
+        if self.implementation is None or "," not in self.implementation:
+            return self.implementation
+        return tuple(self.implementation.split(","))
 
     @property
     def head_width(self) -> int:
@@ -143,7 +154,7 @@ def multi_head_attention(x, weights, config: AttentionConfig, *, positions=None,
         positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
     query, key, value = project(x, weights, config, positions, dtype)
     slopes = alibi_slopes(config.num_heads) if config.position == "alibi" else None
-    common = dict(segment_ids=segment_ids, implementation=config.implementation)
+    common = dict(segment_ids=segment_ids, implementation=config.implementations)
 
     if not config.rewire:
         heads = attention.causal_attention(query, key, value, alibi_slopes=slopes, **common)

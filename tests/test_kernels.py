@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from flax import nnx
 
 from method_direct import direct
 from runway_jax import attention, kernels
@@ -280,6 +281,23 @@ def test_selection_on_cpu():
     slopes = jnp.array([0.5, 0.25])
     assert not uses_kernel(call(("pallas_tpu", "xla"), interpret=True, alibi_slopes=slopes),
                            *inputs)
+
+
+def test_model_config_takes_a_fallback_order_as_a_comma_separated_string():
+    from runway_jax import TransformerLM, model_preset
+    from runway_jax.training.cli import parse_flags
+
+    config = parse_flags(["--attention_implementation=pallas_gpu,xla"], "tiny").model
+    assert config.attention_config(0).implementations == ("pallas_gpu", "xla")
+    tokens = jnp.arange(12).reshape(1, 12) % 50
+    model = TransformerLM(config, rngs=nnx.Rngs(0))
+    assert not uses_kernel(lambda t: model(t), tokens)  # on CPU the GPU kernel falls back to xla
+    want = TransformerLM(config.replace(attention_implementation="xla"), rngs=nnx.Rngs(0))(tokens)
+    np.testing.assert_array_equal(model(tokens), want)
+    for bad in ("xla,triton", "pallas_gpu,"):
+        with pytest.raises(ValueError, match="separated by commas") as error:
+            model_preset("tiny", attention_implementation=bad)
+        assert "\n" not in str(error.value)
 
 
 BAD_SELECTIONS = [
