@@ -4,8 +4,10 @@
                                  [--head_dim=128] [--repeats=5]
                                  [--out=benchmarks/results/kernels.json]
 
-On a GPU or TPU, for every T (bfloat16), it times forward and forward+backward (median of
-``--repeats`` after a warm-up) of
+Both sides are one attention layer of ``--heads`` heads: standard attention over all of them, and
+the rewired layer's ``H - 1`` attending heads steered by the runway head (METHOD (1)). On a GPU
+or TPU, for every T (bfloat16), it times forward and forward+backward (median of ``--repeats``
+after a warm-up) of
 
   * ``standard``: ``jax.nn.dot_product_attention(is_causal=True)`` -- cuDNN on GPU, XLA otherwise;
   * ``kernel_exact`` / ``kernel_prefix``: ``rewired_attention`` with the default implementation
@@ -45,10 +47,11 @@ def analytic_rows(lengths, batch, heads, width, itemsize=2):
             batch, length, heads, heads, width, itemsize)
         row = {"length": length, "standard_forward_flops": standard_flops,
                "standard_forward_hbm_bytes": standard_bytes}
+        # A rewired layer of H heads: H - 1 attending heads and the runway head (METHOD (1)).
         for span in attention.RUNWAY_SPANS:
-            flops, _, hbm = common.forward_cost(batch, length, heads, heads, width, itemsize,
+            flops, _, hbm = common.forward_cost(batch, length, heads - 1, heads - 1, width, itemsize,
                                                 span=span)
-            back_flops, _, back_hbm = common.backward_cost(batch, length, heads, heads, width,
+            back_flops, _, back_hbm = common.backward_cost(batch, length, heads - 1, heads - 1, width,
                                                            itemsize, span=span)
             row.update({
                 f"{span}_forward_flops": flops, f"{span}_forward_hbm_bytes": hbm,
@@ -58,10 +61,10 @@ def analytic_rows(lengths, batch, heads, width, itemsize=2):
             })
         # The GPU kernel's default: smaller tiles, and rho re-formed by every head group.
         gpu = common.BlockSizes.gpu_default()
-        groups = -(-heads // gpu.heads_per_program)
+        groups = -(-(heads - 1) // gpu.heads_per_program)  # padded up to whole groups
         tiles = dict(block_q=gpu.block_q, block_k=gpu.block_k)
         gpu_standard, _ = common.standard_attention_cost(batch, length, heads, heads, width, itemsize, **tiles)
-        gpu_exact, _, _ = common.forward_cost(batch, length, groups * gpu.heads_per_program, heads, width,
+        gpu_exact, _, _ = common.forward_cost(batch, length, groups * gpu.heads_per_program, heads - 1, width,
                                               itemsize, span="exact", head_groups=groups, **tiles)
         row["gpu_head_groups"] = groups
         row["gpu_exact_flop_ratio_to_standard"] = gpu_exact / gpu_standard
@@ -102,12 +105,13 @@ def variants(backend):
     return {
         "standard": lambda q, k, v, rq, rk: jax.nn.dot_product_attention(
             q, k, v, is_causal=True, implementation=standard),
+        # A rewired layer of H heads attends with H - 1 of them (the last is the runway head).
         "kernel_exact": lambda q, k, v, rq, rk: attention.rewired_attention(
-            q, k, v, rq, rk, runway_span="exact"),
+            q[:, :, 1:], k[:, :, 1:], v[:, :, 1:], rq, rk, runway_span="exact"),
         "kernel_prefix": lambda q, k, v, rq, rk: attention.rewired_attention(
-            q, k, v, rq, rk, runway_span="prefix"),
+            q[:, :, 1:], k[:, :, 1:], v[:, :, 1:], rq, rk, runway_span="prefix"),
         "xla_exact": lambda q, k, v, rq, rk: attention.rewired_attention(
-            q, k, v, rq, rk, runway_span="exact", implementation="xla"),
+            q[:, :, 1:], k[:, :, 1:], v[:, :, 1:], rq, rk, runway_span="exact", implementation="xla"),
     }
 
 

@@ -21,7 +21,7 @@ Two ``pallas_call``s:
    keeps its accumulators in registers, so it cannot serve all 16 heads at d = 128; a group of G'
    heads costs about ``(2 G' + 5) Bq Bk d`` per tile (rho amortized over G' heads). At the
    defaults (G' = 2) a 16-head layer runs 8 groups, about 2.3x the FLOPs of standard attention
-   (``python benchmarks/kernels.py`` prints the estimate) against 1.22x for the TPU kernel, which
+   (``python benchmarks/kernels.py`` prints the estimate) against 1.16x for the TPU kernel, which
    serves all heads in one program. Closing that gap needs more heads per program (G' = 4 at
    ``Bq = 64, d = 128`` holds 128 KiB of float32 accumulators, half an SM's register file: 1.6x)
    or a Mosaic GPU kernel; both need a GPU to tune on.
