@@ -18,7 +18,7 @@ POSITION = ("rewired_nope", "baseline_nope")
 def write(summary: dict, out: str) -> str:
     """Write ``out/tables.md`` and the figures; return the tables' text."""
     groups = _groups(summary["runs"])
-    sections = [_perplexity_table(groups), _paired_table(groups), _position_table(groups),
+    sections = [_perplexity_table(groups), _paired_tables(groups), _position_table(groups),
                 _passkey_table(groups), _zero_shot_table(groups), _early_table(groups),
                 _recall_table(summary.get("recall"))]
     text = "\n\n".join(section for section in sections if section) + "\n"
@@ -61,18 +61,27 @@ def _perplexity_table(groups):
     return "\n".join(lines)
 
 
-def _paired_table(groups):
-    if "rewired" not in groups or "baseline" not in groups:
+PAIRS = (("rewired", "baseline"), ("rewired_nope", "baseline_nope"))
+
+
+def _paired_tables(groups):
+    return "\n\n".join(filter(None, (_paired_table(groups, a, b) for a, b in PAIRS)))
+
+
+def _paired_table(groups, rewired, baseline):
+    if rewired not in groups or baseline not in groups:
         return ""
-    baseline = {run["seed"]: run for run in groups["baseline"]}
-    pairs = [(run, baseline[run["seed"]]) for run in groups["rewired"] if run["seed"] in baseline]
-    lines = ["### Rewired minus baseline, seed by seed (negative: rewiring is better)", "",
+    by_seed = {run["seed"]: run for run in groups[baseline]}
+    pairs = [(run, by_seed[run["seed"]]) for run in groups[rewired] if run["seed"] in by_seed]
+    if len(pairs) < 2:
+        return ""
+    lines = [f"### {rewired} minus {baseline}, seed by seed (negative: rewiring is better)", "",
              "| metric | mean difference | per seed | seeds where rewired wins |", "|---|---|---|---|"]
     metrics = [("validation ppl", lambda r: r["validation_perplexity"])]
     metrics += [(f"ppl @ {n}", lambda r, n=n: r["perplexity"][str(n)]) for n in _lengths(groups)]
     if all("position_loss" in run for pair in pairs for run in pair):
         metrics += [(f"loss @ positions {a}..{b - 1}", lambda r, a=a, b=b: float(np.mean(r["position_loss"][a:b])))
-                    for a, b in ((0, 4), (4, 128))]
+                    for a, b in ((0, 4), (4, _lengths(groups)[0]))]
     for name, value in metrics:
         differences = [value(a) - value(b) for a, b in pairs]
         lines.append(f"| {name} | {np.mean(differences):+.3f} | "
@@ -80,9 +89,11 @@ def _paired_table(groups):
     return "\n".join(lines)
 
 
-# Position buckets for the early-token question: the first tokens (little context, the paper's
-# weak spot), the rest of the training length, and beyond it.
-POSITION_BUCKETS = ((0, 1), (1, 4), (4, 16), (16, 128), (128, 256), (256, None))
+def _position_buckets(training_length):
+    """For the early-token question: the first tokens (little context, the paper's weak spot),
+    the rest of the training length, and beyond it."""
+    return ((0, 1), (1, 4), (4, 16), (16, training_length), (training_length, 2 * training_length),
+            (2 * training_length, None))
 
 
 def _position_table(groups):
@@ -91,7 +102,7 @@ def _position_table(groups):
     if not rows:
         return ""
     length = len(rows[0][1][0]["position_loss"])
-    buckets = [(a, b or length) for a, b in POSITION_BUCKETS if a < length]
+    buckets = [(a, b or length) for a, b in _position_buckets(_lengths(groups)[0]) if a < length]
     lines = [f"### Next-token loss by position (nats; windows of {length} tokens, mean (min..max) over seeds)", "",
              "| run | seeds | " + " | ".join(f"{a}" if b - a == 1 else f"{a}..{b - 1}" for a, b in buckets) + " |",
              "|" + "---|" * (2 + len(buckets))]

@@ -63,7 +63,7 @@ def evaluate(run, workdir, study, log):
         result["perplexity"] = {str(n): r["perplexity"] for n, r in by_length.items()}
         longest = by_length[max(by_length)]["position_loss"]
         result["position_loss"] = np.round(longest, 4).tolist()
-        log(f"  perplexity by length: " + ", ".join(f"{n}: {r['perplexity']:.2f}" for n, r in by_length.items()))
+        log("  perplexity by length: " + ", ".join(f"{n}: {r['perplexity']:.2f}" for n, r in by_length.items()))
     if "passkey" in run.evaluations:
         grid = passkey.passkey_grid(model, tokenizer, study.passkey_lengths, study.passkey_depths,
                                     trials=study.passkey_trials)

@@ -1,6 +1,5 @@
 """notebooks/: every notebook is stored without outputs (diff-friendly) and runs top to bottom."""
 
-import os
 import pathlib
 
 import nbformat
