@@ -122,8 +122,9 @@ def main(argv=None) -> int:
         print(line, flush=True)
 
     start = time.time()
-    results = []
+    results, worked = [], []  # seconds of the runs that trained or evaluated (not cached)
     for index, run in enumerate(study.runs):
+        run_start = time.time()
         config = configs.run_config(study.base, run)
         run_dir = os.path.join(workdir, "runs", run.group, f"seed{run.seed}")
         label = f"[{index + 1}/{len(study.runs)} {run.name}]"
@@ -131,8 +132,11 @@ def main(argv=None) -> int:
         train_and_evaluate(config, run_dir, devices=jax.devices()[:1],
                            log=lambda line: log(f"{label} {line}"))
         results.append(evaluate(run, run_dir, study, log))
-        elapsed = time.time() - start
-        log(f"{label} done; elapsed {elapsed / 60:.1f} min, eta {elapsed / (index + 1) * (len(study.runs) - index - 1) / 60:.1f} min")
+        if time.time() - run_start > 10:
+            worked.append(time.time() - run_start)
+        # The ETA assumes the remaining runs all need work, at the mean of those that did.
+        eta = np.mean(worked) * (len(study.runs) - index - 1) if worked else 0.0
+        log(f"{label} done; elapsed {(time.time() - start) / 60:.1f} min, eta {eta / 60:.1f} min")
     recall = None if args.skip_recall else run_recall(study, os.path.join(workdir, "recall"), log)
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown"
