@@ -15,7 +15,7 @@ from runway_jax.data import DataError
 from runway_jax.training import train_and_evaluate
 from runway_jax.training.checkpoint import CheckpointError
 from runway_jax.training.cli import parse_flags
-from runway_jax.training.config import ConfigError
+from runway_jax.training.config import TRAIN_PRESETS, ConfigError
 from runway_jax.training.distributed import initialize_distributed
 from runway_jax.training.loop import NonFiniteLoss
 
@@ -27,7 +27,12 @@ def main(argv=None) -> int:
     first.add_argument("--workdir", default="workdir")
     known, rest = first.parse_known_args(argv)
     try:
-        config = parse_flags(rest, known.preset)
+        config = parse_flags(rest, known.preset, description=(
+            "Train a rewired (or, with --rewire=false, a standard) language model.\n"
+            f"--preset=NAME  starting configuration, one of {', '.join(sorted(TRAIN_PRESETS))} "
+            "(default: default); the flags below override it and show its values.\n"
+            "--workdir=DIR  checkpoints, logs and metrics (default: workdir); "
+            "an existing workdir resumes."))
         initialize_distributed(config)
         result = train_and_evaluate(config, known.workdir)
     except (ConfigError, DataError, CheckpointError, NonFiniteLoss) as error:

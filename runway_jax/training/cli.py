@@ -38,8 +38,11 @@ def flag_names() -> set[str]:
     return names
 
 
-def parse_flags(args: list[str], preset: str = "default") -> TrainConfig:
+def parse_flags(args: list[str], preset: str = "default",
+                description: str = "Train a rewired (or baseline) language model.") -> TrainConfig:
     """``TrainConfig`` of ``preset`` with ``args`` (``--name=value`` flags) applied.
+
+    ``description`` heads the ``--help`` text (a program lists its own flags there).
 
     tyro parses into unvalidated mirrors of the config classes; the real configs are built
     afterwards, so a bad value is reported by their own validation as a one-line error."""
@@ -60,8 +63,7 @@ def parse_flags(args: list[str], preset: str = "default") -> TrainConfig:
         normalized.append(arg)
     mirror = _mirror(TrainConfig, base)
     if "--help" in normalized or "-h" in normalized:
-        tyro.cli(mirror, args=normalized, config=_TYRO_OPTIONS,
-                 description="Train a rewired (or baseline) language model.")  # prints, exits 0
+        tyro.cli(mirror, args=normalized, config=_TYRO_OPTIONS, description=description)  # prints, exits 0
     try:
         parsed = _quiet_cli(mirror, normalized)
     except SystemExit:
