@@ -211,18 +211,28 @@ def _figures(groups, recall, out):
     ablation_groups = list(MAIN) + [g for g in groups if g.startswith("rewired_") and g not in POSITION]
     ablation_groups = [g for g in ablation_groups if g in groups and "perplexity" in groups[g][0]]
     if ablation_groups and lengths:
-        figure, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-        for axis, (title, key) in zip(axes, (("validation perplexity", None), (f"perplexity @ {lengths[-2] if len(lengths) > 1 else lengths[0]}", True))):
-            n = lengths[-2] if len(lengths) > 1 else lengths[0]
-            values = [[run["validation_perplexity"] if key is None else run["perplexity"][str(n)] for run in groups[g]]
-                      for g in ablation_groups]
-            means = [np.mean(v) for v in values]
-            errors = np.array([[m - min(v), max(v) - m] for m, v in zip(means, values)]).T
-            axis.bar(range(len(values)), means, yerr=errors, color=["C0", "C1", "C2"] + ["C4"] * 10)
-            axis.set_xticks(range(len(values)), ablation_groups, rotation=35, ha="right", fontsize=8)
-            low = min(min(v) for v in values)
-            axis.set(ylim=(low * 0.97, max(max(v) for v in values) * 1.01), title=title)
+        # Every seed is drawn: most ablations have seed 0 only, so they are compared with the
+        # other runs' seed 0 (diamonds, dashed line: rewired seed 0), not with a mean.
+        panels = [("validation perplexity", None)] + [(f"perplexity @ {n}", str(n)) for n in lengths[-2:]]
+        figure, axes = plt.subplots(1, len(panels), figsize=(5.3 * len(panels), 4.8), squeeze=False)
+        for axis, (title, key) in zip(axes[0], panels):
+            for index, group in enumerate(ablation_groups):
+                color = ("C0", "C1", "C2")[index] if index < 3 else "C4"
+                runs = sorted(groups[group], key=lambda run: run["seed"])
+                values = [run["validation_perplexity"] if key is None else run["perplexity"][key] for run in runs]
+                axis.scatter([index] * len(values), values, color=color, s=16, alpha=0.6)
+                axis.hlines(np.mean(values), index - 0.3, index + 0.3, color=color, linewidth=2)
+                seed0 = [v for run, v in zip(runs, values) if run["seed"] == 0]
+                if seed0:
+                    axis.scatter([index], seed0, marker="D", s=40, facecolor="none", edgecolor="k", zorder=3)
+                    if group == "rewired":
+                        axis.axhline(seed0[0], color="C0", linestyle="--", linewidth=1)
+            labels = [f"{g} ({len(groups[g])})" for g in ablation_groups]
+            axis.set_xticks(range(len(ablation_groups)), labels, rotation=35, ha="right", fontsize=8)
+            axis.set(title=title)
             axis.grid(True, axis="y", alpha=0.3)
+        figure.suptitle("ablations (seeds in parentheses; dots: seeds, bar: mean, diamond: seed 0, "
+                        "dashed: rewired seed 0)", fontsize=10)
         save(figure, "ablations.png")
 
     rows = [(group, runs) for group, runs in groups.items() if "passkey" in runs[0]]
