@@ -1,7 +1,7 @@
 """The study: does rewiring help? Trains every run of ``experiments/configs.py``, evaluates it,
 and writes the figures and tables that ``docs/results.md`` cites.
 
-    python experiments/study.py                    # the full study: 25 runs, about 80 min on 2 CPU cores
+    python experiments/study.py                    # the full study: 25 runs, about 55 min on 2 CPU cores
     python experiments/study.py --quick            # the same pipeline in a few minutes (smoke test)
 
 Runs go to ``--workdir`` (default ``runs/study``, or ``runs/study_quick``); every run resumes
