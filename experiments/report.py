@@ -13,6 +13,7 @@ import numpy as np
 
 MAIN = ("rewired", "baseline", "baseline_matched_heads")
 POSITION = ("rewired_nope", "baseline_nope")
+MAIN_COLORS = dict(zip(MAIN, ("C0", "C1", "C2")))  # the colors these runs get in every figure
 
 
 def write(summary: dict, out: str) -> str:
@@ -217,7 +218,7 @@ def _figures(groups, recall, out):
         figure, axes = plt.subplots(1, len(panels), figsize=(5.3 * len(panels), 4.8), squeeze=False)
         for axis, (title, key) in zip(axes[0], panels):
             for index, group in enumerate(ablation_groups):
-                color = ("C0", "C1", "C2")[index] if index < 3 else "C4"
+                color = MAIN_COLORS.get(group, "C4")
                 runs = sorted(groups[group], key=lambda run: run["seed"])
                 values = [run["validation_perplexity"] if key is None else run["perplexity"][key] for run in runs]
                 axis.scatter([index] * len(values), values, color=color, s=16, alpha=0.6)

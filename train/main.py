@@ -30,8 +30,8 @@ def main(argv=None) -> int:
         config = parse_flags(rest, known.preset, description=(
             "Train a rewired (or, with --rewire=false, a standard) language model.\n"
             f"--preset=NAME  starting configuration, one of {', '.join(sorted(TRAIN_PRESETS))} "
-            "(default: default); the flags below override it and show its values.\n"
-            "--workdir=DIR  checkpoints, logs and metrics (default: workdir); "
+            f"(default: {first.get_default('preset')}); the flags below override it and show its values.\n"
+            f"--workdir=DIR  checkpoints, logs and metrics (default: {first.get_default('workdir')}); "
             "an existing workdir resumes."))
         initialize_distributed(config)
         result = train_and_evaluate(config, known.workdir)
