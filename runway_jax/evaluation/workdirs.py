@@ -21,12 +21,19 @@ def load_config(workdir: str) -> TrainConfig:
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise ConfigError(f"{path} does not exist; is {workdir!r} a training workdir (train/main.py --workdir)?")
-    with open(path) as handle:
-        saved = json.load(handle)
-    model = ModelConfig(**saved.pop("model"))
-    data = DataConfig(**saved.pop("data"))
-    saved["milestones"] = tuple(saved.get("milestones", ()))
-    return TrainConfig(model=model, data=data, **saved)
+    try:
+        with open(path) as handle:
+            saved = json.load(handle)
+        model = ModelConfig(**saved.pop("model"))
+        data = DataConfig(**saved.pop("data"))
+        saved["milestones"] = tuple(saved.get("milestones", ()))
+        return TrainConfig(model=model, data=data, **saved)
+    except ConfigError:  # the config's own validation already names the field
+        raise
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+        # Cut short, edited, or written by another version: name the file, not a Python internal.
+        raise ConfigError(f"{path} is not a readable training config ({type(error).__name__}: {error}); "
+                          "restore it or train the run again.") from None
 
 
 def load_trained(workdir: str):

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from runway_jax.data import DataError
+from runway_jax.evaluation import plots
 
 MIN_BUCKET = 16
 
@@ -132,11 +133,7 @@ def evaluate_tasks(model, tokenizer, tasks: dict, *, max_length: int, batch_size
 def plot(named_results: dict, path: str) -> None:
     """Grouped bars of acc and acc_norm per task (standard errors as whiskers), one bar per model,
     chance marked per task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
     names = list(named_results)
     tasks = list(named_results[names[0]])
     width = 0.8 / len(names)
@@ -153,9 +150,7 @@ def plot(named_results: dict, path: str) -> None:
         axis.set_xticks(range(len(tasks)), tasks)
         axis.set(ylim=(0, 1), ylabel=measure, title=f"zero-shot {measure}")
         axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    plots.save_png(figure, path)
 
 
 # ----------------------------------------------------------------------------------------------
