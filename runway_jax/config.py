@@ -6,15 +6,39 @@ and depth, standard attention in every layer.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
+import math
 from typing import Optional
 
-import jax.numpy as jnp
+from runway_jax.attention_config import AttentionConfig
 
-from runway_jax.attention_layer import AttentionConfig
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+class _Dtypes(collections.abc.Mapping):
+    """``{"float32": jnp.float32, ...}``, importing JAX only when a dtype is looked up, so that
+    configs are validated without JAX."""
+
+    NAMES = ("float32", "bfloat16", "float16")
+
+    def __getitem__(self, name):
+        if name not in self.NAMES:
+            raise KeyError(name)
+        import jax.numpy as jnp
+
+        return getattr(jnp, name)
+
+    def __contains__(self, name):  # Mapping's would look the dtype up, importing JAX
+        return name in self.NAMES
+
+    def __iter__(self):
+        return iter(self.NAMES)
+
+    def __len__(self):
+        return len(self.NAMES)
+
+
+DTYPES = _Dtypes()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,25 +46,46 @@ class ModelConfig:
     """Decoder-only transformer with runway-aware rewired attention (METHOD eqs. (1)-(3))."""
 
     vocab_size: int = 512
+    """Rows of the embedding table; must be >= the tokenizer's vocabulary (byte: 259)."""
     num_layers: int = 2
-    features: int = 64  # D
-    num_heads: int = 4  # H, the runway head included in rewired layers
-    head_dim: Optional[int] = None  # d, default D // H
-    num_kv_heads: Optional[int] = None  # grouped-query attention; None: one per attending head
-    mlp_dim: int = 192  # SwiGLU hidden width
-    position: str = "rope"  # "rope", "nope" or "alibi"
+    """Number of transformer blocks."""
+    features: int = 64
+    """Model width D."""
+    num_heads: int = 4
+    """Heads per layer H, the runway head included in rewired layers (METHOD eq. (1))."""
+    head_dim: Optional[int] = None
+    """Width d of each head; None: features // num_heads."""
+    num_kv_heads: Optional[int] = None
+    """Key/value heads of the attending heads (grouped-query attention); None: one per head."""
+    mlp_dim: int = 192
+    """Hidden width of the SwiGLU MLP."""
+    position: str = "rope"
+    """Position encoding: "rope", "nope" or "alibi"."""
     rope_base: float = 10_000.0
+    """RoPE frequency base."""
     tie_embeddings: bool = True
-    rewire: bool = True  # False: the standard-transformer baseline
-    rewire_layers: Optional[tuple[int, ...]] = None  # which layers are rewired; None: all
+    """Share the input embedding with the output head."""
+    rewire: bool = True
+    """Runway-aware rewired attention (METHOD eq. (3)); false: the standard-transformer baseline."""
+    rewire_layers: Optional[tuple[int, ...]] = None
+    """Indices of the rewired layers; None: all layers."""
     beta: float = 1.0
+    """Strength beta of the runway penalty subtracted from the logits (METHOD eq. (3)), >= 0."""
     runway_coefficient: str = "bilinear"
+    """Runway coefficient rho of METHOD eq. (2): "bilinear" or "dot"."""
     runway_span: str = "exact"
+    """Tokens a runway covers: "exact" (between i and j) or "prefix"."""
     keep_runway_head_output: bool = False
+    """Also use the runway head's own attention output (it then has value/output weights)."""
     attention_implementation: Optional[str] = None
-    dtype: str = "float32"  # compute dtype; "bfloat16" for mixed precision
+    """"reference", "xla", "pallas_gpu", "pallas_tpu", several comma-separated in order of
+    preference, or None for the best available."""
+    dtype: str = "float32"
+    """Compute dtype: "float32", or "bfloat16" / "float16" for mixed precision."""
     param_dtype: str = "float32"
+    """Dtype the parameters are stored in."""
     norm_eps: float = 1e-6
+    """Epsilon of RMSNorm, > 0."""
 
     def __post_init__(self):
         if self.rewire_layers is not None and not isinstance(self.rewire_layers, tuple):
@@ -62,8 +107,10 @@ class ModelConfig:
                     f"ModelConfig: rewire_layers={self.rewire_layers!r} must be distinct layer "
                     f"indices in [0, {self.num_layers}) or None for all layers."
                 )
-        if not self.norm_eps > 0:
-            raise ValueError(f"ModelConfig: norm_eps={self.norm_eps!r} must be positive.")
+        for name in ("norm_eps", "rope_base"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < math.inf):
+                raise ValueError(f"ModelConfig: {name}={value!r} must be a positive finite number.")
         for layer in sorted({0, *self.rewired_layers()}):
             self.attention_config(layer)  # validates every attention option once
 

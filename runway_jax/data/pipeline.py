@@ -24,7 +24,6 @@ do not depend on the number of processes), with "pack" every ``process_count``-t
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Optional
 
@@ -32,47 +31,13 @@ import grain
 import numpy as np
 
 from runway_jax.data import corpus, sources, synthetic
+from runway_jax.data.config import PACKINGS, SYNTHETIC_SOURCES, DataConfig
 from runway_jax.data.errors import DataError
 from runway_jax.data.tokenizers import load_tokenizer
 
-SYNTHETIC_SOURCES = ("recall", "passkey")
-PACKINGS = ("auto", "chunk", "pack")
 SPLITS = ("train", "validation")
 VALIDATION_EVERY = 100  # files without a validation_source: every 100th document is held out
 CHUNK_LIMIT_BYTES = 256 * 2**20  # packing="auto" streams file sets larger than this
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Where tokens come from and how they are cut into batches; validated on construction."""
-
-    source: str = "shakespeare"  # "shakespeare", "recall", "passkey", or file paths / globs
-    validation_source: Optional[str] = None  # default: held-out plays / every 100th document
-    tokenizer: str = "byte"  # "byte", "bpe", or a tokenizer.json / SentencePiece .model path
-    bpe_vocab_size: int = 4096
-    seq_len: int = 256
-    batch_size: int = 16  # global, over all processes
-    packing: str = "auto"  # "chunk" up to 256 MiB of files, else "pack"; see the module docstring
-    text_field: str = "text"  # JSONL / Parquet / ArrayRecord field holding the text
-    shuffle_seed: int = 0  # order of training rows (and the synthetic examples)
-    worker_count: int = 0  # Grain worker processes (0: in the main process)
-    recall_pairs: int = 16
-    recall_queries: int = 8
-    passkey_filler_chars: int = 2000
-    passkey_digits: int = 5
-
-    def __post_init__(self):
-        if self.seq_len < 2:
-            raise DataError(f"seq_len={self.seq_len} is too short; use seq_len >= 2.")
-        if self.batch_size < 1:
-            raise DataError(f"batch_size={self.batch_size} must be >= 1.")
-        if self.packing not in PACKINGS:
-            raise DataError(f"packing={self.packing!r} is not one of {PACKINGS}.")
-        if self.worker_count < 0:
-            raise DataError(f"worker_count={self.worker_count} must be >= 0.")
-        if not self.source:
-            raise DataError("source is empty; use 'shakespeare', 'recall', 'passkey' or file paths.")
-
 
 
 def document_source(config: DataConfig, split: str):
@@ -117,11 +82,12 @@ class _HeldOut:
         return self.source[index + index // (VALIDATION_EVERY - 1)]
 
 
-def make_tokenizer(config: DataConfig, workdir: Optional[str] = None):
+def make_tokenizer(config: DataConfig, workdir: Optional[str] = None, *, retrain: bool = False):
     """The tokenizer of ``config``; a ``"bpe"`` one is trained on the training split once and kept
-    as ``workdir/tokenizer.json`` so evaluation reuses exactly it."""
+    as ``workdir/tokenizer.json`` so evaluation reuses exactly it (``retrain``: trained anew, not
+    saved; a fresh run saves it only after its start-up checks)."""
     return load_tokenizer(config.tokenizer, workdir=workdir, bpe_vocab_size=config.bpe_vocab_size,
-                          train_texts=lambda: documents(config, "train"))
+                          train_texts=lambda: documents(config, "train"), retrain=retrain)
 
 
 def make_dataset(config: DataConfig, split: str, tokenizer, *, process_index: int = 0,

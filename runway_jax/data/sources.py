@@ -37,6 +37,9 @@ def expand_paths(patterns) -> list[str]:
             if not matches:
                 raise DataError(f"the glob {pattern!r} matches no file; check the path and pattern.")
             paths.extend(matches)
+        elif os.path.isdir(pattern):
+            raise DataError(f"data file {pattern!r} is a directory; pass the files in it, e.g. "
+                            f"'{os.path.join(pattern, '*.txt')}' (a glob; quote it in a shell).")
         elif not os.path.isfile(pattern):
             raise DataError(f"data file {pattern!r} does not exist; check the path.")
         else:

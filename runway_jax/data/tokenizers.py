@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from runway_jax.data.errors import DataError
+from runway_jax.files import write_text
 
 BPE_SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")  # ids 0, 1, 2 of a BPE trained here
 TOKENIZER_FILE = "tokenizer.json"
@@ -35,15 +36,21 @@ class ByteTokenizer:
 class HuggingFaceTokenizer:
     """A ``tokenizers`` ``tokenizer.json`` from a local path."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, tokenizer=None):
+        """From the file ``path``, or (``tokenizer`` given) from a ``tokenizers.Tokenizer`` that
+        will be saved at ``path`` with :meth:`save`."""
         from tokenizers import Tokenizer
 
-        if not os.path.isfile(path):
-            raise DataError(f"tokenizer file {path!r} does not exist; check the path.")
-        try:
-            self.tokenizer = Tokenizer.from_file(path)
-        except Exception as error:
-            raise DataError(f"tokenizer file {path!r} does not parse as a HF tokenizer.json ({error}).") from None
+        if tokenizer is None:
+            if not os.path.isfile(path):
+                problem = "is a directory" if os.path.isdir(path) else "does not exist"
+                raise DataError(f"tokenizer file {path!r} {problem}; check the path.")
+            try:
+                tokenizer = Tokenizer.from_file(path)
+            except Exception as error:
+                reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+                raise DataError(f"tokenizer file {path!r} does not parse as a HF tokenizer.json ({reason}).") from None
+        self.tokenizer = tokenizer
         self.name = path
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.pad_id = self._first_id("<pad>", "<|padding|>", "[PAD]")
@@ -69,6 +76,10 @@ class HuggingFaceTokenizer:
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in np.asarray(ids).reshape(-1)])
 
+    def save(self, path: str | None = None) -> None:
+        """Write the tokenizer.json (to ``path``, default its own), atomically."""
+        write_text(path or self.name, self.tokenizer.to_str(pretty=True))
+
 
 class SentencePieceTokenizer:
     """A SentencePiece ``.model`` from a local path."""
@@ -77,7 +88,8 @@ class SentencePieceTokenizer:
         import sentencepiece
 
         if not os.path.isfile(path):
-            raise DataError(f"tokenizer file {path!r} does not exist; check the path.")
+            problem = "is a directory" if os.path.isdir(path) else "does not exist"
+            raise DataError(f"tokenizer file {path!r} {problem}; check the path.")
         try:
             self.processor = sentencepiece.SentencePieceProcessor(model_file=path)
         except Exception:
@@ -97,8 +109,9 @@ class SentencePieceTokenizer:
         return self.processor.decode([int(i) for i in np.asarray(ids).reshape(-1)])
 
 
-def train_bpe(texts, vocab_size: int, path: str) -> HuggingFaceTokenizer:
-    """Train a byte-level BPE of ``vocab_size`` tokens on ``texts`` and save it at ``path``."""
+def train_bpe(texts, vocab_size: int, path: str, *, save: bool = True) -> HuggingFaceTokenizer:
+    """Train a byte-level BPE of ``vocab_size`` tokens on ``texts``, named ``path`` and saved
+    there unless ``save=False`` (training saves it only once every start-up check passed)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     minimum = 256 + len(BPE_SPECIAL_TOKENS)
@@ -111,28 +124,29 @@ def train_bpe(texts, vocab_size: int, path: str) -> HuggingFaceTokenizer:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.tmp"
-    tokenizer.save(temporary)
-    os.replace(temporary, path)  # atomic: eval never sees half a file
-    return HuggingFaceTokenizer(path)
+    trained = HuggingFaceTokenizer(path, tokenizer)
+    if save:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        trained.save()  # atomic: eval never sees half a file
+    return trained
 
 
 def load_tokenizer(spec: str = "byte", *, workdir: str | None = None, train_texts=None,
-                   bpe_vocab_size: int = 4096):
+                   bpe_vocab_size: int = 4096, retrain: bool = False):
     """``"byte"``; ``"bpe"`` (``workdir/tokenizer.json``, trained on ``train_texts()`` the first
-    time); or a path to a ``tokenizer.json`` or SentencePiece ``.model``."""
+    time; with ``retrain`` trained anew and NOT saved, whatever the workdir holds: the caller
+    saves it when it starts a run); or a path to a ``tokenizer.json`` or SentencePiece ``.model``."""
     if spec == "byte":
         return ByteTokenizer()
     if spec == "bpe":
         if workdir is None:
             raise DataError("tokenizer='bpe' needs a workdir to keep tokenizer.json in; pass workdir.")
         path = os.path.join(workdir, TOKENIZER_FILE)
-        if os.path.isfile(path):
+        if os.path.isfile(path) and not retrain:
             return HuggingFaceTokenizer(path)
         if train_texts is None:
             raise DataError(f"no {path!r} to load and no training texts to train a BPE on.")
-        return train_bpe(train_texts(), bpe_vocab_size, path)
+        return train_bpe(train_texts(), bpe_vocab_size, path, save=not retrain)
     if spec.endswith(".json"):
         return HuggingFaceTokenizer(spec)
     if spec.endswith(".model"):

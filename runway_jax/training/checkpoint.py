@@ -9,6 +9,7 @@ complete, so a run killed mid-save leaves the previous checkpoint intact; saves 
 from __future__ import annotations
 
 import os
+import re
 
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
@@ -30,6 +31,7 @@ class Checkpoints:
             enable_async_checkpointing=True, create=True)
         self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.pending = None  # the step being saved in the background
 
     def latest_step(self):
         return self.manager.latest_step()
@@ -38,10 +40,16 @@ class Checkpoints:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state, data_state: dict, config: dict):
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config)))
+        """Start saving ``step`` (asynchronously); a failure to start is a :class:`CheckpointError`.
+        Call :meth:`wait` before more work depends on it: it reports a failed write."""
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(config)))
+        except Exception as error:
+            raise CheckpointError(self._failed_save(step, error)) from None
+        self.pending = step
 
     def saved_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
@@ -70,11 +78,40 @@ class Checkpoints:
         earlier = [s for s in self.all_steps() if s < step]
         offer = (f"delete it to resume from step {earlier[-1]}: rm -r {path}" if earlier
                  else f"delete it to start over: rm -r {path}")
-        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
-        return f"the checkpoint {path} is corrupt or truncated ({reason}); {offer}"
+        return f"the checkpoint {path} is corrupt or truncated ({clean_reason(error)}); {offer}"
+
+    def _failed_save(self, step, error):
+        done = [s for s in self.all_steps() if s != step]
+        kept = f"the last complete checkpoint is step {done[-1]}" if done else "no checkpoint is complete"
+        return (f"saving checkpoint {step} in {self.directory} failed ({clean_reason(error)}); {kept}; "
+                "free disk space (or fix the file system) and rerun to resume.")
 
     def wait(self):
-        self.manager.wait_until_finished()
+        """Block until the background save is written; a failed one is a :class:`CheckpointError`."""
+        step, self.pending = self.pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:
+            raise CheckpointError(self._failed_save(step, error)) from None
 
     def close(self):
         self.manager.close()
+
+
+_BRACKETED = re.compile(r"<[^<>]*>")
+_REPR = re.compile(r"<(bound method|built-in method|function|method|pybind11)\b")
+
+
+def clean_reason(error: BaseException) -> str:
+    """A one-line reason from an exception: its first line, without the ``<bound method ...>`` /
+    ``<... object at 0x...>`` reprs that tensorstore and pybind11 put in their messages."""
+    text, previous = str(error), None
+    while text != previous:  # innermost first: "<bound method f of <x object at 0x...>>"
+        previous, text = text, _BRACKETED.sub(
+            lambda m: "" if _REPR.match(m.group(0)) or " at 0x" in m.group(0) else m.group(0), text)
+    lines = [line.strip(" :,;") for line in text.splitlines() if line.strip(" :,;")]
+    if not lines:
+        return type(error).__name__
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return re.sub(r"\s+", " ", lines[0])[:160]

@@ -11,10 +11,14 @@ type (``--steps=abc``) is found by parsing the flags one at a time and named in 
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import difflib
+import functools
+import inspect
 import io
+import textwrap
 import typing
 
 import tyro
@@ -111,5 +115,22 @@ def _mirror(config_type, default):
             nested = _mirror(type(value), value)
             fields.append((field.name, nested, dataclasses.field(default=nested())))
         else:
-            fields.append((field.name, hints[field.name], dataclasses.field(default=value)))
+            # The mirror has no source for tyro to read docstrings from: pass them on explicitly.
+            help_text = field_docs(config_type).get(field.name)
+            hint = typing.Annotated[hints[field.name], tyro.conf.arg(help=help_text)] if help_text else hints[field.name]
+            fields.append((field.name, hint, dataclasses.field(default=value)))
     return dataclasses.make_dataclass(config_type.__name__, fields, frozen=True)
+
+
+@functools.cache
+def field_docs(config_type) -> dict[str, str]:
+    """``{field: docstring}`` from the string literal right after each field of a dataclass."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(config_type)))
+    body = tree.body[0].body
+    docs = {}
+    for statement, following in zip(body, body[1:]):
+        if (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
+                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)):
+            docs[statement.target.id] = " ".join(following.value.value.split())
+    return docs

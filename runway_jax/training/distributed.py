@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-import jax
-
 from runway_jax.training.config import TrainConfig
 
 # Environment variables that mean "this process is one host of several".
@@ -22,6 +20,8 @@ def initialize_distributed(config: TrainConfig) -> bool:
     """Join the other processes (before any other JAX call); returns whether it did."""
     if not (config.distributed or pod_detected()):
         return False
+    import jax
+
     if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
         # CPU hosts need a collectives implementation to talk to each other.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -1,11 +1,14 @@
 """``train_and_evaluate(config, workdir)``: sharded training with Orbax checkpoints and exact resume.
 
 Files in ``workdir``: ``config.json`` (the resolved config), ``metrics.jsonl`` (one JSON object
-per logged step and per validation) and the same scalars in ``tensorboard/``, ``checkpoints/``
-(Orbax), and ``tokenizer.json`` for BPE.
+per logged step and per validation, never two for one step) and the same scalars in
+``tensorboard/``, ``checkpoints/`` (Orbax), ``tokenizer.json`` for BPE, and the lock, run
+definition and history of :mod:`runway_jax.training.workdir`.
 A second call on the same workdir resumes from the latest checkpoint: parameters, optimizer
 state, step, RNG and the Grain iterator state come back, so the losses continue bitwise as if the
-run had never stopped (on CPU). SIGTERM/SIGINT finish the current step, save and return.
+run had never stopped (on CPU). SIGTERM/SIGINT finish the current step, save and return with
+``stopped_by`` set. A save that fails (disk full) is reported at the next step, before more work
+depends on it.
 """
 
 from __future__ import annotations
@@ -25,17 +28,25 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from runway_jax.data import check_vocabulary, make_dataset, make_tokenizer
+from runway_jax.data.tokenizers import TOKENIZER_FILE
 from runway_jax.model import TransformerLM, count_parameters
 from runway_jax.sharding import state_shardings
 from runway_jax.training.checkpoint import Checkpoints
 from runway_jax.training.config import ConfigError, TrainConfig
 from runway_jax.training.metrics import MetricsLog
 from runway_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from runway_jax.training.resources import check_memory, checkpoint_bytes
 from runway_jax.training.steps import eval_step, train_step
+from runway_jax.training.workdir import (check_free_disk, check_resume, open_workdir, record_start,
+                                         saved_steps, tokenizer_fingerprint)
 
 
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or Inf loss; the last good checkpoint is kept."""
+
+
+class StoppedBeforeTraining(Exception):
+    """SIGINT/SIGTERM (the signal's name is ``args[0]``) arrived during start-up: nothing trained."""
 
 
 def config_dict(config: TrainConfig) -> dict:
@@ -103,15 +114,50 @@ class _Stop:
 
 
 def train_and_evaluate(config: TrainConfig, workdir: str, *, devices=None, log=print) -> dict:
-    """Train ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns a summary."""
-    os.makedirs(workdir, exist_ok=True)
+    """Train ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns a summary.
+
+    Every check runs before anything is written to ``workdir``: the workdir itself (a directory,
+    writable, not locked by another run), the mesh, tokenizer and vocabulary, both data splits,
+    the resume guard (the run must be defined as the saved one), the memory of the parameters
+    and optimizer state, and the disk space of a checkpoint."""
+    lock = jax.process_index() == 0  # one holder of the lock (and one writer) per workdir
+    with _Stop() as stop, open_workdir(workdir, lock=lock) as opened:
+        return _train(config, workdir, opened, stop, devices=devices, log=log)
+
+
+def _train(config, workdir, opened, stop, *, devices, log):
+    def check_stop():  # between start-up phases: a signal there stops before anything is written
+        if stop.requested:
+            raise StoppedBeforeTraining(stop.requested)
+
+    writer = jax.process_index() == 0
     mesh = make_mesh(config, devices)
-    tokenizer = make_tokenizer(config.data, workdir)
+    resume_step = (saved_steps(workdir) or [None])[-1]
+    # A fresh run trains its BPE anew (a tokenizer.json left by a failed start is not reused),
+    # and keeps it only once every check passed.
+    train_bpe = config.data.tokenizer == "bpe" and (
+        resume_step is None or not os.path.isfile(os.path.join(workdir, TOKENIZER_FILE)))
+    tokenizer = make_tokenizer(config.data, workdir, retrain=train_bpe)
     check_vocabulary(tokenizer, config.model.vocab_size)
+    check_stop()
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_data = make_dataset(config.data, "train", tokenizer, **process)
+    make_dataset(config.data, "validation", tokenizer, **process)  # too few documents: fail now
+    check_stop()
     saved_config = config_dict(config)
-    _write_json(os.path.join(workdir, "config.json"), saved_config)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    changes = check_resume(workdir, saved_config, fingerprint) if resume_step is not None else {}
+    check_memory(config, mesh)
+    check_free_disk(workdir, checkpoint_bytes(config))
+    check_stop()
+
+    # Every check passed: from here on the workdir is written.
+    if writer:
+        if train_bpe:
+            tokenizer.save()
+        record_start(workdir, saved_config, fingerprint, resume_step or 0, changes)
+        if changes:
+            log("resuming with changes: " + ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changes.items()))
 
     # Model and optimizer, sharded by the parameters' logical axes.
     model = TransformerLM(config.model, rngs=nnx.Rngs(config.seed))
@@ -145,6 +191,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, devices=None, log=p
         iterator.set_state(data_state)
         log(f"resumed from {checkpoints.directory}/{latest}")
     start_step = int(train_state["step"])
+    metrics_log = MetricsLog(workdir, start_step=start_step, enabled=writer)
+    opened.keep = True  # the workdir now holds this run's files: never removed on failure
 
     batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     step_fn = jax.jit(functools.partial(
@@ -155,7 +203,6 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, devices=None, log=p
     tokens_per_step = config.data.batch_size * config.data.seq_len
     flops = flops_per_token(config)
     peak = peak_flops_per_device(config, mesh.devices.flat[0])
-    metrics_log = MetricsLog(workdir)
 
     def to_global(batch):
         return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
@@ -182,13 +229,15 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, devices=None, log=p
     losses, last_validation = [], None
     window_seconds, window_steps = 0.0, 0  # time in training steps only (not eval or saving)
     stop_reason = None
-    with _Stop() as stop, jax.set_mesh(mesh):
+    with jax.set_mesh(mesh):
         for step in range(start_step, config.steps):
             step_start = time.perf_counter()
             batch = to_global(next(iterator))
             params, opt_state, step_count, metrics = step_fn(
                 train_state["params"], train_state["opt_state"], train_state["step"], batch)
             loss = float(metrics["loss"])  # syncs every step: a bad loss is caught before any save
+            if checkpoints.pending is not None:
+                checkpoints.wait()  # the save overlapped this step; a failed one stops the run now
             if not math.isfinite(loss):
                 checkpoints.wait()
                 raise NonFiniteLoss(
@@ -223,7 +272,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, devices=None, log=p
                 save(done)
     if start_step >= config.steps:  # already trained: still report where the model stands
         log(f"the workdir is already at step {start_step} of {config.steps}; nothing to train")
-        last_validation = validate(start_step)
+        last_validation = metrics_log.validation_at(start_step) or validate(start_step)
     checkpoints.wait()
     checkpoints.close()
     metrics_log.close()
@@ -234,12 +283,3 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, devices=None, log=p
 def _duration(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def _write_json(path, data):
-    if jax.process_index() != 0:  # one writer per file on a shared filesystem
-        return
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as handle:
-        json.dump(data, handle, indent=2)
-    os.replace(temporary, path)
