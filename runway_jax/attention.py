@@ -30,10 +30,17 @@ Public functions:
 * A sequence of names, e.g. ``("pallas_gpu", "xla")``: the first that can run this call.
 
 Naming a single implementation that cannot run the call raises a one-line ``ValueError`` saying why.
+
+Non-finite inputs: every implementation computes on inputs whose NaN/Inf entries are replaced by
+zeros and returns NaN in exactly the output rows that can see one (causal, same segment; a query
+only its own row), so a NaN never crosses a mask, forward or backward (those rows pass no
+gradient). See :func:`runway_jax.masking.quarantine_nonfinite`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 from typing import Optional
@@ -43,11 +50,10 @@ import jax.numpy as jnp
 
 from runway_jax import blockwise, kernels
 from runway_jax.kernels import sharding as kernel_sharding
-from runway_jax.masking import alibi_bias, attention_mask, masked_softmax
+from runway_jax.masking import (alibi_bias, attention_mask, masked_softmax, poison_rows,
+                                 quarantine_nonfinite)
 
-RUNWAY_COEFFICIENTS = ("bilinear", "dot")
-RUNWAY_SPANS = ("exact", "prefix")
-IMPLEMENTATIONS = ("reference", "xla", "pallas_gpu", "pallas_tpu")
+from runway_jax.attention_config import IMPLEMENTATIONS, RUNWAY_COEFFICIENTS, RUNWAY_SPANS
 
 
 
@@ -205,11 +211,32 @@ def causal_attention(
     )
 
 
+# The backend that implementation selection targets while a program is traced for ahead-of-time
+# compilation to a chip this host lacks (train/compile.py); None: JAX's default backend.
+_TARGET_BACKEND = contextvars.ContextVar("runway_jax_target_backend", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(backend: str):
+    """Within this context ``implementation=None`` and the kernels' availability check act as if
+    JAX's default backend were ``backend`` (e.g. ``"tpu"``): for tracing a program that
+    ``jax.jit(...).lower(...).compile()`` compiles for a TPU topology from a CPU host."""
+    token = _TARGET_BACKEND.set(backend)
+    try:
+        yield
+    finally:
+        _TARGET_BACKEND.reset(token)
+
+
+def target_backend() -> str:
+    return _TARGET_BACKEND.get() or jax.default_backend()
+
+
 def default_implementation(backend: Optional[str] = None) -> str:
     """The implementation ``implementation=None`` prefers on ``backend`` (default: JAX's):
     ``"pallas_tpu"`` on TPU, ``"pallas_gpu"`` on a CUDA or ROCm GPU, ``"xla"`` otherwise. (A call
     the kernel cannot take, e.g. with ALiBi, still falls back to ``"xla"``.)"""
-    backend = backend or jax.default_backend()
+    backend = backend or target_backend()
     if backend == "tpu":
         return "pallas_tpu"
     if backend in ("gpu", "cuda", "rocm"):
@@ -269,6 +296,9 @@ def _reference_rewired_attention(
     alibi_slopes,
     runway_alibi_slope,
 ):
+    (query, key, value, runway_query, runway_key), poisoned = quarantine_nonfinite(
+        query, key, value, runway_query, runway_key, segment_ids=segment_ids,
+        runway_reaches_output=beta != 0)
     mask = attention_mask(query.shape[1], segment_ids)
     rho = _reference_runway_coefficients(
         runway_query,
@@ -279,17 +309,19 @@ def _reference_rewired_attention(
         scale=scale,
         runway_alibi_slope=runway_alibi_slope,
     )
-    return _reference_attend(
+    return poison_rows(_reference_attend(
         query, key, value, mask=mask, scale=scale, alibi_slopes=alibi_slopes, bias=-beta * rho
-    )
+    ), poisoned)
 
 
 @jax.jit
 def _reference_causal_attention(query, key, value, *, segment_ids, scale, alibi_slopes):
+    (query, key, value), poisoned = quarantine_nonfinite(query, key, value,
+                                                         segment_ids=segment_ids)
     mask = attention_mask(query.shape[1], segment_ids)
-    return _reference_attend(
+    return poison_rows(_reference_attend(
         query, key, value, mask=mask, scale=scale, alibi_slopes=alibi_slopes, bias=None
-    )
+    ), poisoned)
 
 
 def _reference_attend(query, key, value, *, mask, scale, alibi_slopes, bias):
@@ -476,7 +508,7 @@ def _why_not_runnable(implementation, *, interpret, width, scale, uses_alibi):
         return f"head width d={width} is not a power of two (Triton tiles); use implementation='xla'"
     if interpret or kernels.interpret_forced():
         return None
-    backend = jax.default_backend()
+    backend = target_backend()
     needed = "tpu" if implementation == "pallas_tpu" else "gpu"
     if backend != needed:
         return (f"it needs a {needed.upper()} but JAX's default backend is {backend!r}; pass "

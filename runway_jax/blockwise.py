@@ -11,6 +11,10 @@ where ``S`` is an exclusive prefix sum over key blocks (``[B, Tp/Bk, Bq, d]``) a
 pass recomputes one block at a time instead of storing every block's ``Bq x Tp`` arrays: training
 memory stays ``O(Bq * Tp)`` per layer, like the forward pass.
 
+A query block's products run over every key (``probs @ values`` over all ``Tp``), so a masked zero
+meets every masked value; NaN/Inf inputs are therefore zeroed first and the rows that can see them
+set to NaN after (:func:`runway_jax.masking.quarantine_nonfinite`, ``O(B T H d)`` work).
+
 Layouts were chosen by measurement on CPU (``benchmarks/attention.py``): the heads' logits keep
 the heads beside the key axis and the exact-span runway terms live in key-block layout
 ``[B, J, i, k]``; with other layouts XLA inserted transposes that made the rewired backward pass
@@ -27,7 +31,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from runway_jax.masking import alibi_bias, masked_softmax, visibility_mask
+from runway_jax.masking import (alibi_bias, finite_or_zero, masked_softmax, nonfinite_positions,
+                                 poison_rows, quarantine_nonfinite, seen_by_rows, visibility_mask)
 
 QUERY_BLOCK = 512
 KEY_BLOCK = 64
@@ -67,6 +72,9 @@ def rewired_attention(
     key_block=KEY_BLOCK,
 ):
     """METHOD eq. (3) with rho from eq. (3b); arguments as ``attention.rewired_attention``."""
+    (query, key, value, runway_query, runway_key), poisoned = quarantine_nonfinite(
+        query, key, value, runway_query, runway_key, segment_ids=segment_ids,
+        runway_reaches_output=beta != 0)
     layout = _Layout(query, key, segment_ids, query_block, key_block)
     runway = _Runway(layout, runway_query, runway_key, runway_coefficient, runway_span, scale,
                      runway_alibi_slope)
@@ -80,13 +88,16 @@ def rewired_attention(
 
     inputs = (layout.query_blocks(query), runway.query_blocks(), layout.segment_blocks(),
               layout.starts)
-    return layout.merge(jax.lax.map(jax.checkpoint(block, prevent_cse=False), inputs))
+    out = layout.merge(jax.lax.map(jax.checkpoint(block, prevent_cse=False), inputs))
+    return poison_rows(out, poisoned)
 
 
 @functools.partial(jax.jit, static_argnames=("query_block", "key_block"))
 def causal_attention(query, key, value, *, segment_ids, scale, alibi_slopes,
                      query_block=QUERY_BLOCK, key_block=KEY_BLOCK):
     """Standard causal attention with the same blocking as :func:`rewired_attention`."""
+    (query, key, value), poisoned = quarantine_nonfinite(query, key, value,
+                                                         segment_ids=segment_ids)
     layout = _Layout(query, key, segment_ids, query_block, key_block)
     keys, values = layout.pad(key), layout.pad(value)
 
@@ -96,14 +107,18 @@ def causal_attention(query, key, value, *, segment_ids, scale, alibi_slopes,
                        bias=None)
 
     inputs = (layout.query_blocks(query), layout.segment_blocks(), layout.starts)
-    return layout.merge(jax.lax.map(jax.checkpoint(block, prevent_cse=False), inputs))
+    out = layout.merge(jax.lax.map(jax.checkpoint(block, prevent_cse=False), inputs))
+    return poison_rows(out, poisoned)
 
 
 @functools.partial(jax.jit, static_argnames=(
     "runway_coefficient", "runway_span", "query_block", "key_block"))
 def runway_coefficients(runway_query, runway_key, *, runway_coefficient, runway_span, segment_ids,
                         scale, runway_alibi_slope, query_block=QUERY_BLOCK, key_block=KEY_BLOCK):
-    """``[B, T, T]`` float32 rho of METHOD eq. (2), one query block at a time."""
+    """``[B, T, T]`` float32 rho of METHOD eq. (2), one query block at a time; rows that see a
+    non-finite runway query or key are NaN (see :func:`masking.quarantine_nonfinite`)."""
+    poisoned = seen_by_rows(nonfinite_positions(runway_query, runway_key), segment_ids)
+    runway_query, runway_key = finite_or_zero(runway_query), finite_or_zero(runway_key)
     layout = _Layout(runway_query[:, :, None], runway_key[:, :, None], segment_ids, query_block,
                      key_block)
     runway = _Runway(layout, runway_query, runway_key, runway_coefficient, runway_span, scale,
@@ -116,7 +131,7 @@ def runway_coefficients(runway_query, runway_key, *, runway_coefficient, runway_
     rho = jax.lax.map(block, (runway.query_blocks(), layout.segment_blocks(), layout.starts))
     batch, length = runway_query.shape[:2]
     rho = jnp.moveaxis(rho, 0, 1).reshape(batch, layout.padded_length, layout.padded_length)
-    return rho[:, :length, :length]
+    return jnp.where(poisoned[:, :, None], jnp.nan, rho[:, :length, :length])
 
 
 class _Layout:

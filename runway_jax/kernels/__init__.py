@@ -20,6 +20,11 @@ Backward pass: the Pallas backward kernels of METHOD (3d) of each target
 the padded kernel-layout inputs, the output, the heads' and the runway head's log-sum-exp and
 ``u`` (``O(T (H + 1) d)``, nothing ``T x T``).
 
+Inputs with NaN or Inf are replaced by zeros before the kernels run and the output rows that can
+see one are set to NaN afterwards (:func:`runway_jax.masking.quarantine_nonfinite`): inside a
+tile product a masked zero meets the masked value, and 0 * NaN would reach rows that cannot see
+it, in the forward pass and in the backward pass.
+
 This package imports only ``jax``/``numpy`` and :mod:`runway_jax.masking` (arrays in, arrays
 out).
 """
@@ -36,6 +41,7 @@ import jax.numpy as jnp
 
 from runway_jax.kernels import common, gpu, tpu
 from runway_jax.kernels.common import BlockSizes
+from runway_jax.masking import poison_rows, quarantine_nonfinite
 
 TARGETS = ("pallas_tpu", "pallas_gpu")
 
@@ -93,7 +99,12 @@ def rewired_attention(query, key, value, runway_query, runway_key, *, target, be
                        block_sizes=block_sizes, interpret=bool(interpret) or interpret_forced())
     if segment_ids is None:
         segment_ids = jnp.zeros(query.shape[:2], jnp.int32)
-    return _fused(options, query, key, value, runway_query, runway_key, segment_ids)
+    # The tiles' products would carry a NaN past the masks (0 * NaN): quarantine them here, out
+    # of the custom_vjp, so the kernels and their backward see finite inputs only.
+    inputs, poisoned = quarantine_nonfinite(query, key, value, runway_query, runway_key,
+                                            segment_ids=segment_ids,
+                                            runway_reaches_output=options.beta != 0)
+    return poison_rows(_fused(options, *inputs, segment_ids), poisoned)
 
 
 def causal_attention(query, key, value, *, target, segment_ids, scale, block_sizes=None,
