@@ -85,7 +85,8 @@ def print_analytic(rows, batch, heads, width):
               f"{r['standard_forward_hbm_bytes'] / 2**20:>7.0f} MiB "
               f"{r['exact_forward_hbm_bytes'] / 2**20:>7.0f} MiB")
     first = rows[0]
-    print(f"GPU kernel defaults (64 x 64 tiles, {first['gpu_head_groups']} head groups that each re-form "
+    gpu = common.BlockSizes.gpu_default()
+    print(f"GPU kernel defaults ({gpu.block_q} x {gpu.block_k} tiles, {first['gpu_head_groups']} head groups that each re-form "
           f"rho): exact forward {first['gpu_exact_flop_ratio_to_standard']:.2f}x the FLOPs of standard attention")
 
 

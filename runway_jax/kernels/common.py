@@ -66,10 +66,17 @@ class BlockSizes:
 
     @classmethod
     def gpu_default(cls) -> "BlockSizes":
-        """64 x 64 tiles, two heads per program: the per-head accumulators live in registers in
-        Triton, so a program cannot hold all 16 heads' ``[Bq, d]`` float32 accumulators; two
-        heads halve rho's cost per head. Not tuned on hardware (none was available)."""
-        return cls(block_q=64, block_k=64, heads_per_program=2, num_warps=8, num_stages=2)
+        """16 x 16 tiles, one head per program, 4 warps, 1 stage: chosen from the compile report
+        (``benchmarks/gpu_compile.py``: XLA's Triton to PTX, then ``ptxas``, at T=4096, H=16,
+        d=128, bf16) as the only setting measured that fits a program's shared memory on both
+        sm_80 (163 KiB) and sm_90 (227 KiB) and nearly never spills (4.3 KB over the four passes;
+        255 registers). The earlier 64 x 64 tiles with two heads per program needed 208-626 KiB
+        of shared memory in three of the four passes, so they could not launch; 32 x 32 tiles fit
+        but spill 6-69 KB. The cause is the float32 runway products (``Precision.HIGHEST``
+        becomes FMA loops, not tensor-core MMAs) and the backward key pass's float32 state; with
+        one head per program rho is formed once per head (METHOD (3c): ~3.5x the FLOPs of
+        standard attention). Not timed on hardware (none was available)."""
+        return cls(block_q=16, block_k=16, heads_per_program=1, num_warps=4, num_stages=1)
 
 
 @dataclasses.dataclass(frozen=True)
