@@ -9,7 +9,12 @@ blocks, per-row statistics in registers) runs on A100 and H100 alike, runs in in
 the CPU tests like the TPU kernel, and Triton schedules the tensor-core pipeline itself. Mosaic
 GPU is the way to the last factor of speed on H100 (warp-specialized producer/consumer, WGMMA
 with the accumulators in registers across the head loop) once a Hopper machine is available to
-tune on; it would be a third file beside this one.
+tune on; it would be a third file beside this one. JAX >= 0.11 deprecates the Triton lowering
+and warns (a DeprecationWarning attributed to ``jax._src.pallas``) each time it lowers one of
+these ``pallas_call``s, which happens inside the caller's ``jit``, out of reach of a
+``catch_warnings`` here; the kernels keep working while JAX has the backend, and porting them to
+Mosaic GPU is a follow-up issue. Without a GPU, jax >= 0.11 lowers them for the
+``jax.sharding.AbstractDevice`` of the current abstract mesh (see tests/test_kernels.py).
 
 Two ``pallas_call``s:
 
