@@ -100,6 +100,33 @@ def test_data_by_fsdp_mesh_over_8_devices_matches_one_device(tmp_path):
     np.testing.assert_allclose(eight["losses"], one["losses"], rtol=2e-5)
 
 
+def test_fsdp_shards_the_optimizer_state_as_the_parameters():
+    """Adam's moments are sharded like their parameters (FSDP memory), counts are replicated; a
+    bare jax.jit(optimizer.init) would leave the moments whole on every device."""
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from runway_jax.model import TransformerLM
+    from runway_jax.sharding import state_shardings
+    from runway_jax.training.loop import make_mesh
+    from runway_jax.training.optimizer import make_optimizer, optimizer_state_shardings
+
+    config = tiny(mesh_data=1, mesh_fsdp=8)
+    mesh = make_mesh(config)
+    state = nnx.state(TransformerLM(config.model, rngs=nnx.Rngs(0)))
+    params = jax.device_put(nnx.to_pure_dict(state), nnx.to_pure_dict(state_shardings(state, mesh)))
+    optimizer = make_optimizer(config)
+    opt_state = jax.jit(optimizer.init, out_shardings=optimizer_state_shardings(optimizer, params, mesh))(params)
+    moments = [x for x in jax.tree.leaves(opt_state) if x.ndim > 0]
+    param_leaves = jax.tree.leaves(params)
+    assert len(moments) == 2 * len(param_leaves)  # mu and nu
+    shardings = {(x.shape, x.sharding.spec) for x in param_leaves}
+    assert {(x.shape, x.sharding.spec) for x in moments} == shardings
+    assert any(x.addressable_shards[0].data.size < x.size for x in moments)  # really split
+    scalars = [x for x in jax.tree.leaves(opt_state) if x.ndim == 0]
+    assert scalars and all(x.sharding == NamedSharding(mesh, PartitionSpec()) for x in scalars)
+
+
 def run_main(*flags):
     return subprocess.run([sys.executable, str(ROOT / "train" / "main.py"), *flags],
                           capture_output=True, text=True, timeout=600)

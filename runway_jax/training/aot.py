@@ -20,7 +20,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -28,7 +27,7 @@ from runway_jax import attention
 from runway_jax.model import TransformerLM, count_parameters
 from runway_jax.sharding import state_shardings
 from runway_jax.training.config import TrainConfig
-from runway_jax.training.optimizer import make_optimizer
+from runway_jax.training.optimizer import make_optimizer, optimizer_state_shardings
 from runway_jax.training.steps import eval_step, train_step
 
 GIB = 2**30
@@ -121,23 +120,12 @@ def abstract_train_state(config: TrainConfig, mesh) -> dict:
     optimizer = make_optimizer(config)
     opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                              jax.eval_shape(optimizer.init, params),
-                             opt_state_shardings(optimizer, params, mesh))
+                             optimizer_state_shardings(optimizer, params, mesh))
     replicated = NamedSharding(mesh, PartitionSpec())
     rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(config.seed)))
     return {"params": params, "opt_state": opt_state,
             "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
             "rng": jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated)}
-
-
-def opt_state_shardings(optimizer, params, mesh):
-    """Shardings of ``optimizer.init(params)``: every copy of the parameter tree in it (Adam's
-    moments) sharded as the parameters are, everything else (counts) replicated over ``mesh``.
-
-    (``jax.jit(optimizer.init)(params)`` does not do this: XLA places the zeros it returns on one
-    device, since they do not depend on the parameters' values.)"""
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return optax.tree_map_params(optimizer, lambda _, p: p.sharding, jax.eval_shape(optimizer.init, params),
-                                 params, transform_non_params=lambda _: replicated)
 
 
 def abstract_batch(config: TrainConfig, mesh) -> dict:

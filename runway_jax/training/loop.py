@@ -34,7 +34,7 @@ from runway_jax.sharding import state_shardings
 from runway_jax.training.checkpoint import Checkpoints
 from runway_jax.training.config import ConfigError, TrainConfig
 from runway_jax.training.metrics import MetricsLog
-from runway_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from runway_jax.training.optimizer import learning_rate_schedule, make_optimizer, optimizer_state_shardings
 from runway_jax.training.resources import check_memory, checkpoint_bytes
 from runway_jax.training.steps import eval_step, train_step
 from runway_jax.training.workdir import (check_free_disk, check_resume, open_workdir, record_start,
@@ -169,7 +169,7 @@ def _train(config, workdir, opened, stop, *, devices, log):
     params = jax.device_put(jax.tree.map(np.asarray, nnx.to_pure_dict(state)), param_shardings)
     del model, state
     optimizer = make_optimizer(config)
-    opt_state = jax.jit(optimizer.init)(params)
+    opt_state = jax.jit(optimizer.init, out_shardings=optimizer_state_shardings(optimizer, params, mesh))(params)
     train_state = {"params": params, "opt_state": opt_state, "step": jnp.int32(0),
                    "rng": jax.random.key_data(jax.random.key(config.seed))}
     replicated = NamedSharding(mesh, PartitionSpec())

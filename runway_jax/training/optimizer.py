@@ -2,6 +2,7 @@
 
 import jax
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from runway_jax.training.config import TrainConfig
 
@@ -21,3 +22,15 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     if config.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
     return adamw
+
+
+def optimizer_state_shardings(optimizer: optax.GradientTransformation, params, mesh):
+    """Shardings of ``optimizer.init(params)``: every copy of the parameter tree in it (Adam's
+    moments) sharded as the parameters are (so FSDP shards the optimizer state too), everything
+    else (counts) replicated over ``mesh``. ``params`` may be arrays or ``ShapeDtypeStruct``s.
+
+    ``jax.jit(optimizer.init)(params)`` alone does not do this: the zeros it returns do not depend
+    on the parameters' values, so XLA is free to place them on one device."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_map_params(optimizer, lambda _, p: p.sharding, jax.eval_shape(optimizer.init, params),
+                                 params, transform_non_params=lambda _: replicated)
