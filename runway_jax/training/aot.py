@@ -27,6 +27,7 @@ from runway_jax import attention
 from runway_jax.model import TransformerLM, count_parameters
 from runway_jax.sharding import state_shardings
 from runway_jax.training.config import TrainConfig
+from runway_jax.training.loop import flops_per_token
 from runway_jax.training.optimizer import make_optimizer, optimizer_state_shardings
 from runway_jax.training.steps import eval_step, train_step
 
@@ -206,10 +207,8 @@ def compile_train_step(config: TrainConfig, mesh) -> dict:
                             "compile_seconds": compile_seconds,
                             "tpu_custom_calls": compiled.as_text().count('custom_call_target="tpu_custom_call"')}
     tokens = config.data.batch_size * config.data.seq_len
-    # loop.flops_per_token's analytic count (6 N + 12 L T D), per device, for comparison.
-    model = config.model
-    analytic = (6 * count_parameters(model) + 12 * model.num_layers * config.data.seq_len * model.features)
-    report["train_step"]["analytic_flops"] = analytic * tokens / len(devices)
+    # The loop's analytic count (6 N + 12 L T D per token), per device, for comparison.
+    report["train_step"]["analytic_flops"] = flops_per_token(config) * tokens / len(devices)
     report["hbm_per_device_bytes"] = hbm_per_device(devices)
     report["fits"] = (None if report["hbm_per_device_bytes"] is None
                       else report["train_step"]["peak_bytes"] <= report["hbm_per_device_bytes"])
