@@ -16,6 +16,8 @@ import os
 import sys
 import tempfile
 
+from runway_jax.training.workdir import saved_steps
+
 
 class FlagError(ValueError):
     """A flag value that cannot work; the message names the flag and the fix."""
@@ -165,12 +167,7 @@ def trained_workdir(flag: str, path: str) -> dict:
     if not isinstance(saved, dict) or not isinstance(saved.get("data"), dict) or "seq_len" not in saved["data"]:
         raise FlagError(f"{flag}={path!r}: {config_path} is not a training config (no data.seq_len); "
                         "give a workdir made by train/main.py.")
-    checkpoints = os.path.join(path, "checkpoints")
-    # Orbax writes a step into a temporary directory and renames it to the bare step number when
-    # complete, so a directory named by a number is a finished checkpoint.
-    steps = [name for name in (os.listdir(checkpoints) if os.path.isdir(checkpoints) else [])
-             if name.isdigit() and os.path.isdir(os.path.join(checkpoints, name))]
-    if not steps:
+    if not saved_steps(path):
         raise FlagError(f"{flag}={path!r} has no checkpoint yet; train first "
                         f"(train/main.py --workdir={path}).")
     return saved

@@ -156,7 +156,8 @@ def saved_steps(workdir: str) -> list[int]:
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         return []
-    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+    return sorted(int(name) for name in os.listdir(directory)
+                  if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
