@@ -13,6 +13,12 @@ Public functions:
 * :func:`runway_coefficients` -- eq. (2): the runway coefficients ``rho`` as a ``[B, T, T]`` array.
 * :func:`causal_attention` -- standard causal attention from the same code (the baseline).
 
+They take the keywords of ``jax.nn.dot_product_attention`` where the concepts match, defined in
+METHOD (7): ``mask`` (bool, broadcastable to ``[B, Tq, Tk]``), ``local_window_size``,
+``logits_soft_cap``, ``key_value_seq_lengths``, integer or boolean ``segment_ids``, a traced
+``beta``, and queries that are the last ``Tq <= Tk`` positions of the keys (bottom-right causal
+alignment, for decoding and chunked prefill).
+
 ``implementation`` picks how the same numbers are computed:
 
 * ``"reference"``: a direct, readable evaluation with ``T x T`` arrays (eq. (2) as a product of two
@@ -22,7 +28,8 @@ Public functions:
   pass recomputes each chunk instead of storing it.
 * ``"pallas_tpu"`` / ``"pallas_gpu"``: the fused flash-style kernels of :mod:`runway_jax.kernels`
   (METHOD (3c)); they never hold a ``T x T`` array. They run on their accelerator, or anywhere with
-  ``interpret=True``. They do not support the ALiBi options or a traced ``scale``. Inside a
+  ``interpret=True``. They do not support the ALiBi options, a traced ``scale`` or ``beta``, or
+  the options of METHOD (7) other than ``segment_ids`` (yet). Inside a
   ``jax.set_mesh`` context they run under ``shard_map`` (batch and heads split over the mesh).
 * ``None``: the best implementation that can run this call: ``"pallas_tpu"`` on TPU,
   ``"pallas_gpu"`` on GPU, ``"xla"`` otherwise (and ``"xla"`` whenever the kernel cannot take the
@@ -50,8 +57,10 @@ import jax.numpy as jnp
 
 from runway_jax import blockwise, kernels
 from runway_jax.kernels import sharding as kernel_sharding
-from runway_jax.masking import (alibi_bias, attention_mask, masked_softmax, poison_rows,
-                                 quarantine_nonfinite)
+from runway_jax.masking import (at_positions, finite_or_zero, masked_softmax,
+                                 nonfinite_positions, poison_rows, query_positions, rows_seeing,
+                                 soft_cap, visible_keys)
+from runway_jax.masking import attention_mask  # noqa: F401  (part of this module's namespace)
 
 from runway_jax.attention_config import IMPLEMENTATIONS, RUNWAY_COEFFICIENTS, RUNWAY_SPANS
 
@@ -72,23 +81,40 @@ def rewired_attention(
     beta=1.0,
     runway_coefficient="bilinear",
     runway_span="exact",
+    mask=None,
     segment_ids=None,
+    local_window_size=None,
+    logits_soft_cap=None,
+    key_value_seq_lengths=None,
     scale=None,
     implementation=None,
     interpret=False,
     alibi_slopes=None,
     runway_alibi_slope=None,
 ):
-    """Runway-aware rewired causal attention, METHOD eqs. (1)-(3).
+    """Runway-aware rewired causal attention, METHOD eqs. (1)-(3) with the options of (7).
 
     Args:
-      query: ``[B, T, H, d]`` queries of the rewired heads (every head except the runway head).
-      key, value: ``[B, T, H_kv, d]``, ``H_kv`` dividing ``H`` (grouped-query attention).
-      runway_query, runway_key: ``[B, T, d]``, the runway head's query and key (METHOD eq. (1)).
-      beta: rewiring strength ``>= 0`` (eq. (3)); ``0`` gives standard causal attention.
+      query: ``[B, Tq, H, d]`` queries of the rewired heads (every head except the runway head);
+        the LAST ``Tq <= Tk`` positions of the key sequence (bottom-right causal alignment).
+      key, value: ``[B, Tk, H_kv, d]``, ``H_kv`` dividing ``H`` (grouped-query attention).
+      runway_query, runway_key: ``[B, Tk, d]``, the runway head's query and key at EVERY key
+        position (eq. (1); the bilinear g of eq. (2) reads the runway queries of runway tokens).
+      beta: rewiring strength ``>= 0`` (eq. (3)), a Python float or a traced scalar; ``0`` gives
+        standard causal attention.
       runway_coefficient: kernel g of eq. (2), ``"bilinear"`` or ``"dot"``.
       runway_span: ``"exact"`` (eq. (2)) or ``"prefix"``.
-      segment_ids: optional int ``[B, T]``; attention and runways stay inside a segment (eq. (5)).
+      mask: optional bool, broadcastable to ``[B, Tq, Tk]``; True = may attend (eq. (7a)). It
+        applies to the runway head's attention too.
+      segment_ids: optional int or bool ``[B, Tk]``; attention and runways stay inside a segment
+        (eq. (5)).
+      local_window_size: optional int ``w >= 0``: query i sees keys ``i - w <= j <= i``, the
+        runway head too (eq. (7a)).
+      logits_soft_cap: optional float ``c > 0``: every pre-softmax logit ``x`` (the runway head's
+        and the rewired heads' ``s - beta * rho``) becomes ``c * tanh(x / c)`` (eqs. (7b), (7c)).
+      key_value_seq_lengths: optional int ``[B]``: row b has ``L_b <= Tk`` real keys (the rest is
+        padding) and its queries are the last ``Tq`` positions of those ``L_b`` (a cache of
+        ragged rows; eq. (7)).
       scale: logit scale, default ``1 / sqrt(d)``; it scales both the logits and g.
       implementation: ``"reference"``, ``"xla"``, ``"pallas_gpu"``, ``"pallas_tpu"``, ``None``
         (the best available) or a sequence of names tried in order (see the module docstring).
@@ -99,20 +125,25 @@ def rewired_attention(
         stays the bilinear (or dot) form of eq. (2) without position bias.
 
     Returns:
-      ``[B, T, H, d]`` in the dtype of ``query``.
+      ``[B, Tq, H, d]`` in the dtype of ``query``.
     """
     name = "rewired_attention"
     _check_qkv(name, query, key, value)
-    _check_runway(name, query, runway_query, runway_key)
+    _check_runway(name, query, key, runway_query, runway_key)
     beta = _check_beta(name, beta)
     _check_choice(name, "runway_coefficient", runway_coefficient, RUNWAY_COEFFICIENTS)
     _check_choice(name, "runway_span", runway_span, RUNWAY_SPANS)
-    _check_segment_ids(name, segment_ids, query.shape[:2])
+    options = _check_options(name, query.shape[:2], key.shape[1], mask=mask,
+                             segment_ids=segment_ids, local_window_size=local_window_size,
+                             logits_soft_cap=logits_soft_cap,
+                             key_value_seq_lengths=key_value_seq_lengths)
     scale = _check_scale(name, scale, query.shape[-1])
     _check_alibi(name, alibi_slopes, runway_alibi_slope, query.shape[2])
     implementation = _resolve_implementation(
         name, implementation, interpret=interpret, width=query.shape[-1], scale=scale,
-        uses_alibi=alibi_slopes is not None or runway_alibi_slope is not None)
+        uses_alibi=alibi_slopes is not None or runway_alibi_slope is not None,
+        beta=beta, lengths=(query.shape[1], key.shape[1]), **options)
+    segment_ids = options["segment_ids"]
     if implementation in kernels.TARGETS:
         fused = functools.partial(
             kernels.rewired_attention, target=implementation, beta=beta,
@@ -121,11 +152,10 @@ def rewired_attention(
         return kernel_sharding.call_sharded(
             lambda q, k, v, rq, rk, s: fused(q, k, v, rq, rk, segment_ids=s),
             query, key, value, runway_query, runway_key, _segments_or_zeros(segment_ids, query))
-    options = dict(
+    options.update(
         beta=beta,
         runway_coefficient=runway_coefficient,
         runway_span=runway_span,
-        segment_ids=segment_ids,
         scale=scale,
         alibi_slopes=alibi_slopes,
         runway_alibi_slope=runway_alibi_slope,
@@ -141,22 +171,30 @@ def runway_coefficients(
     *,
     runway_coefficient="bilinear",
     runway_span="exact",
+    mask=None,
     segment_ids=None,
+    local_window_size=None,
+    logits_soft_cap=None,
     scale=None,
     runway_alibi_slope=None,
 ):
-    """Runway coefficients ``rho`` of METHOD eq. (2), as float32 ``[B, T, T]``.
+    """Runway coefficients ``rho`` of METHOD eq. (2) (with the options of (7)), float32
+    ``[B, T, T]``.
 
     ``rho[b, i, j]`` is the runway head's attention-weighted score along the runway of the edge
     ``j -> i``. Entries without a runway are zero: ``j >= i`` in the exact span (and ``j > i`` in
-    the prefix span), and pairs in different segments. Computed by the eq. (3b) evaluation, so the
-    cost is ``O(T^2 (d + block))`` rather than ``O(T^3)``; the result itself is ``T x T``.
+    the prefix span), and pairs that are not visible (other segments, outside the window, masked).
+    ``mask`` is broadcastable to ``[B, T, T]``. Computed by the eq. (3b) evaluation, so the cost
+    is ``O(T^2 (d + block))`` rather than ``O(T^3)``; the result itself is ``T x T``.
     """
     name = "runway_coefficients"
-    _check_runway(name, None, runway_query, runway_key)
+    _check_runway(name, None, None, runway_query, runway_key)
     _check_choice(name, "runway_coefficient", runway_coefficient, RUNWAY_COEFFICIENTS)
     _check_choice(name, "runway_span", runway_span, RUNWAY_SPANS)
-    _check_segment_ids(name, segment_ids, runway_query.shape[:2])
+    options = _check_options(name, runway_query.shape[:2], runway_query.shape[1], mask=mask,
+                             segment_ids=segment_ids, local_window_size=local_window_size,
+                             logits_soft_cap=logits_soft_cap, key_value_seq_lengths=None)
+    options.pop("key_value_seq_lengths")
     scale = _check_scale(name, scale, runway_query.shape[-1])
     _check_alibi(name, None, runway_alibi_slope, 1)
     return blockwise.runway_coefficients(
@@ -164,9 +202,9 @@ def runway_coefficients(
         runway_key,
         runway_coefficient=runway_coefficient,
         runway_span=runway_span,
-        segment_ids=segment_ids,
         scale=scale,
         runway_alibi_slope=runway_alibi_slope,
+        **options,
     )
 
 
@@ -175,7 +213,11 @@ def causal_attention(
     key,
     value,
     *,
+    mask=None,
     segment_ids=None,
+    local_window_size=None,
+    logits_soft_cap=None,
+    key_value_seq_lengths=None,
     scale=None,
     implementation=None,
     alibi_slopes=None,
@@ -183,18 +225,23 @@ def causal_attention(
 ):
     """Standard causal (grouped-query) attention from the same code: the baseline.
 
-    Shapes and ``implementation`` as in :func:`rewired_attention`; the Pallas implementations run
-    the fused kernel with ``beta = 0``, which skips the runway head. Returns ``[B, T, H, d]`` in the
-    dtype of ``query``.
+    Shapes, the options of METHOD (7) and ``implementation`` as in :func:`rewired_attention`; the
+    Pallas implementations run the fused kernel with ``beta = 0``, which skips the runway head.
+    Returns ``[B, Tq, H, d]`` in the dtype of ``query``.
     """
     name = "causal_attention"
     _check_qkv(name, query, key, value)
-    _check_segment_ids(name, segment_ids, query.shape[:2])
+    options = _check_options(name, query.shape[:2], key.shape[1], mask=mask,
+                             segment_ids=segment_ids, local_window_size=local_window_size,
+                             logits_soft_cap=logits_soft_cap,
+                             key_value_seq_lengths=key_value_seq_lengths)
     scale = _check_scale(name, scale, query.shape[-1])
     _check_alibi(name, alibi_slopes, None, query.shape[2])
     implementation = _resolve_implementation(
         name, implementation, interpret=interpret, width=query.shape[-1], scale=scale,
-        uses_alibi=alibi_slopes is not None)
+        uses_alibi=alibi_slopes is not None, beta=0.0, lengths=(query.shape[1], key.shape[1]),
+        **options)
+    segment_ids = options["segment_ids"]
     if implementation in kernels.TARGETS:
         fused = functools.partial(kernels.causal_attention, target=implementation, scale=scale,
                                   interpret=interpret)
@@ -202,13 +249,10 @@ def causal_attention(
         return kernel_sharding.call_sharded(
             lambda q, k, v, rq, rk, s: fused(q, k, v, segment_ids=s),
             query, key, value, runway, runway, _segments_or_zeros(segment_ids, query))
+    options.update(scale=scale, alibi_slopes=alibi_slopes)
     if implementation == "reference":
-        return _reference_causal_attention(
-            query, key, value, segment_ids=segment_ids, scale=scale, alibi_slopes=alibi_slopes
-        )
-    return blockwise.causal_attention(
-        query, key, value, segment_ids=segment_ids, scale=scale, alibi_slopes=alibi_slopes
-    )
+        return _reference_causal_attention(query, key, value, **options)
+    return blockwise.causal_attention(query, key, value, **options)
 
 
 # The backend that implementation selection targets while a program is traced for ahead-of-time
@@ -249,38 +293,54 @@ def default_implementation(backend: Optional[str] = None) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _reference_runway_coefficients(
-    runway_query, runway_key, *, runway_coefficient, runway_span, mask, scale, runway_alibi_slope
-):
-    """METHOD eq. (2) as a product of two triangular ``T x T`` matrices.
+def _reference_visibility(query, key, *, mask, segment_ids, local_window_size,
+                          key_value_seq_lengths):
+    """``(positions [B or 1, Tq], V [B or 1, Tq, Tk])`` of METHOD eq. (7a)."""
+    query_length, key_length = query.shape[1], key.shape[1]
+    positions = query_positions(query_length, key_length, key_value_seq_lengths)
+    query_segments = None if segment_ids is None else at_positions(segment_ids, positions)
+    visible = visible_keys(positions, jnp.arange(key_length), query_segments=query_segments,
+                           key_segments=segment_ids, local_window_size=local_window_size,
+                           mask=mask)
+    return positions, visible
+
+
+def _distance(positions, key_length):
+    return (positions[:, :, None] - jnp.arange(key_length)[None, None, :]).astype(jnp.float32)
+
+
+def _reference_runway_coefficients(runway_query, runway_key, positions, visible, *,
+                                   runway_coefficient, runway_span, scale, runway_alibi_slope,
+                                   logits_soft_cap):
+    """METHOD eq. (2) as a product of two triangular matrices, rows at ``positions``.
 
     ``rho_ij = sum_k A_ik [k < i] * g(k, j) [k > j]`` (exact) or ``sum_k A_ik [k < i] g(k, j)``
     (prefix): the runway ``j < k < i`` is the intersection of the two triangles.
     """
-    length = runway_query.shape[1]
+    key_length = runway_query.shape[1]
     runway_query = runway_query.astype(jnp.float32)
     runway_key = runway_key.astype(jnp.float32)
-    logits = scale * jnp.einsum("bid,bjd->bij", runway_query, runway_key)
+    distance = _distance(positions, key_length)  # [B or 1, Tq(i), Tk]
+    row_queries = at_positions(runway_query, positions)  # q^r_i of each query row
+    logits = scale * jnp.einsum("bid,bkd->bik", row_queries, runway_key)
     if runway_alibi_slope is not None:
-        positions = jnp.arange(length)
-        logits = logits + alibi_bias(positions, positions, runway_alibi_slope)
-    runway_probs = masked_softmax(logits, mask)  # A of eq. (1): [B, T(i), T(k)]
+        logits = logits - jnp.asarray(runway_alibi_slope, jnp.float32) * distance
+    runway_probs = masked_softmax(soft_cap(logits, logits_soft_cap), visible)  # A, eq. (7b)
     coefficient_source = runway_query if runway_coefficient == "bilinear" else runway_key
     kernel = scale * jnp.einsum("bkd,bjd->bkj", coefficient_source, runway_key)  # g(k, j)
-    row = jnp.arange(length)[:, None]
-    col = jnp.arange(length)[None, :]
-    strictly_before = col < row  # as [i, k]: k < i; as [k, j]: j < k
-    probs_on_runway = jnp.where(strictly_before, runway_probs, 0.0)
+    probs_on_runway = jnp.where(distance > 0, runway_probs, 0.0)  # k < i
     if runway_span == "exact":
-        rho = probs_on_runway @ jnp.where(strictly_before, kernel, 0.0)
-        valid = mask & strictly_before
+        after_key = jnp.arange(key_length)[None, :] < jnp.arange(key_length)[:, None]  # [k, j]: j < k
+        rho = probs_on_runway @ jnp.where(after_key, kernel, 0.0)
+        valid = visible & (distance > 0)
     else:
         rho = probs_on_runway @ kernel
-        valid = mask
+        valid = visible
     return jnp.where(valid, rho, 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("beta", "runway_coefficient", "runway_span"))
+@functools.partial(jax.jit, static_argnames=("runway_coefficient", "runway_span",
+                                             "local_window_size"))
 def _reference_rewired_attention(
     query,
     key,
@@ -291,41 +351,61 @@ def _reference_rewired_attention(
     beta,
     runway_coefficient,
     runway_span,
+    mask,
     segment_ids,
+    local_window_size,
+    logits_soft_cap,
+    key_value_seq_lengths,
     scale,
     alibi_slopes,
     runway_alibi_slope,
 ):
-    (query, key, value, runway_query, runway_key), poisoned = quarantine_nonfinite(
-        query, key, value, runway_query, runway_key, segment_ids=segment_ids,
-        runway_reaches_output=beta != 0)
-    mask = attention_mask(query.shape[1], segment_ids)
+    positions, visible = _reference_visibility(
+        query, key, mask=mask, segment_ids=segment_ids, local_window_size=local_window_size,
+        key_value_seq_lengths=key_value_seq_lengths)
+    runway_reaches_output = jnp.asarray(beta) != 0
+    bad_runway = nonfinite_positions(runway_query, runway_key) & runway_reaches_output
+    poisoned = _reference_poisoned(query, key, value, visible, bad_runway)
+    poisoned |= (at_positions(nonfinite_positions(runway_query)[..., None], positions)
+                 & runway_reaches_output)
     rho = _reference_runway_coefficients(
-        runway_query,
-        runway_key,
-        runway_coefficient=runway_coefficient,
-        runway_span=runway_span,
-        mask=mask,
-        scale=scale,
-        runway_alibi_slope=runway_alibi_slope,
-    )
-    return poison_rows(_reference_attend(
-        query, key, value, mask=mask, scale=scale, alibi_slopes=alibi_slopes, bias=-beta * rho
-    ), poisoned)
+        finite_or_zero(runway_query), finite_or_zero(runway_key), positions, visible,
+        runway_coefficient=runway_coefficient, runway_span=runway_span, scale=scale,
+        runway_alibi_slope=runway_alibi_slope, logits_soft_cap=logits_soft_cap)
+    out = _reference_attend(finite_or_zero(query), finite_or_zero(key), finite_or_zero(value),
+                            positions, visible, scale=scale, alibi_slopes=alibi_slopes,
+                            logits_soft_cap=logits_soft_cap, bias=-beta * rho)
+    return poison_rows(out, poisoned)
 
 
-@jax.jit
-def _reference_causal_attention(query, key, value, *, segment_ids, scale, alibi_slopes):
-    (query, key, value), poisoned = quarantine_nonfinite(query, key, value,
-                                                         segment_ids=segment_ids)
-    mask = attention_mask(query.shape[1], segment_ids)
-    return poison_rows(_reference_attend(
-        query, key, value, mask=mask, scale=scale, alibi_slopes=alibi_slopes, bias=None
-    ), poisoned)
+@functools.partial(jax.jit, static_argnames=("local_window_size",))
+def _reference_causal_attention(query, key, value, *, mask, segment_ids, local_window_size,
+                                logits_soft_cap, key_value_seq_lengths, scale, alibi_slopes):
+    positions, visible = _reference_visibility(
+        query, key, mask=mask, segment_ids=segment_ids, local_window_size=local_window_size,
+        key_value_seq_lengths=key_value_seq_lengths)
+    poisoned = _reference_poisoned(query, key, value, visible, None)
+    out = _reference_attend(finite_or_zero(query), finite_or_zero(key), finite_or_zero(value),
+                            positions, visible, scale=scale, alibi_slopes=alibi_slopes,
+                            logits_soft_cap=logits_soft_cap, bias=None)
+    return poison_rows(out, poisoned)
 
 
-def _reference_attend(query, key, value, *, mask, scale, alibi_slopes, bias):
-    """Causal softmax attention with an optional ``[B, T, T]`` logit bias shared by all heads."""
+def _reference_poisoned(query, key, value, visible, bad_runway):
+    """``[B, Tq, H]``: rows that see a non-finite key or value of their group, a non-finite
+    runway position (``bad_runway`` ``[B, Tk]``, or None), or whose own query is one."""
+    heads, kv_heads = query.shape[2], key.shape[2]
+    seen = jnp.repeat(rows_seeing(nonfinite_positions(key, value), visible), heads // kv_heads,
+                      axis=2)
+    if bad_runway is not None:
+        seen = seen | rows_seeing(bad_runway[..., None], visible)
+    return seen | nonfinite_positions(query)
+
+
+def _reference_attend(query, key, value, positions, visible, *, scale, alibi_slopes,
+                      logits_soft_cap, bias):
+    """Softmax attention restricted to ``visible`` with an optional ``[B, Tq, Tk]`` logit bias
+    shared by all heads, soft-capped after every bias (eq. (7c))."""
     groups = query.shape[2] // key.shape[2]
     key = jnp.repeat(key.astype(jnp.float32), groups, axis=2)  # query head h uses kv head h // G
     value = jnp.repeat(value.astype(jnp.float32), groups, axis=2)
@@ -333,9 +413,9 @@ def _reference_attend(query, key, value, *, mask, scale, alibi_slopes, bias):
     if bias is not None:
         logits = logits + bias[:, None]
     if alibi_slopes is not None:
-        positions = jnp.arange(query.shape[1])
-        logits = logits + alibi_bias(positions, positions, alibi_slopes)
-    probs = masked_softmax(logits, mask[:, None])
+        distance = _distance(positions, key.shape[1])
+        logits = logits - jnp.asarray(alibi_slopes, jnp.float32)[None, :, None, None] * distance[:, None]
+    probs = masked_softmax(soft_cap(logits, logits_soft_cap), visible[:, None])
     return jnp.einsum("bhij,bjhd->bihd", probs, value).astype(query.dtype)
 
 
@@ -359,15 +439,20 @@ def _check_array(name, argument, array, rank, layout):
 
 def _check_qkv(name, query, key, value):
     _check_array(name, "query", query, 4, "[B, T, H, d]")
-    _check_array(name, "key", key, 4, "[B, T, H_kv, d]")
-    _check_array(name, "value", value, 4, "[B, T, H_kv, d]")
+    _check_array(name, "key", key, 4, "[B, Tk, H_kv, d]")
+    _check_array(name, "value", value, 4, "[B, Tk, H_kv, d]")
     batch, length, heads, width = query.shape
     if key.shape != value.shape:
         raise ValueError(f"{name}: key.shape={key.shape} and value.shape={value.shape} must be equal.")
-    if key.shape[:2] != (batch, length) or key.shape[3] != width:
+    if key.shape[0] != batch or key.shape[3] != width:
         raise ValueError(
-            f"{name}: key.shape={key.shape} must be [B, T, H_kv, d] = [{batch}, {length}, H_kv, "
+            f"{name}: key.shape={key.shape} must be [B, Tk, H_kv, d] = [{batch}, Tk, H_kv, "
             f"{width}] to match query.shape={query.shape}."
+        )
+    if key.shape[1] < length:
+        raise ValueError(
+            f"{name}: query has Tq={length} rows but key only Tk={key.shape[1]}; queries are the "
+            "last Tq of the Tk key positions, so Tq <= Tk."
         )
     if min(batch, length, heads, width) < 1 or key.shape[2] < 1 or heads % key.shape[2]:
         raise ValueError(
@@ -381,9 +466,9 @@ def _check_qkv(name, query, key, value):
             )
 
 
-def _check_runway(name, query, runway_query, runway_key):
-    _check_array(name, "runway_query", runway_query, 3, "[B, T, d]")
-    _check_array(name, "runway_key", runway_key, 3, "[B, T, d]")
+def _check_runway(name, query, key, runway_query, runway_key):
+    _check_array(name, "runway_query", runway_query, 3, "[B, Tk, d]")
+    _check_array(name, "runway_key", runway_key, 3, "[B, Tk, d]")
     if runway_query.shape != runway_key.shape:
         raise ValueError(
             f"{name}: runway_query.shape={runway_query.shape} and runway_key.shape="
@@ -397,11 +482,12 @@ def _check_runway(name, query, runway_query, runway_key):
             f"runway_query.dtype={runway_query.dtype}."
         )
     if query is not None:
-        expected = (query.shape[0], query.shape[1], query.shape[3])
+        expected = (query.shape[0], key.shape[1], query.shape[3])
         if runway_query.shape != expected:
             raise ValueError(
-                f"{name}: runway_query.shape={runway_query.shape} must be [B, T, d] = "
-                f"{list(expected)} to match query.shape={query.shape}."
+                f"{name}: runway_query.shape={runway_query.shape} must be [B, Tk, d] = "
+                f"{list(expected)}: the runway head's queries and keys at every key position "
+                f"(key.shape={key.shape})."
             )
         if runway_query.dtype != query.dtype:
             raise ValueError(
@@ -411,11 +497,14 @@ def _check_runway(name, query, runway_query, runway_key):
 
 
 def _check_beta(name, beta):
-    if isinstance(beta, jax.core.Tracer):
-        raise ValueError(
-            f"{name}: beta must be a concrete Python float (a fixed hyper-parameter), not a traced "
-            "value; close over it instead of passing it as a jit argument."
-        )
+    """A Python float ``>= 0`` as a float; a traced (or array) scalar as it is (METHOD (7))."""
+    if isinstance(beta, (jax.Array, jax.core.Tracer)) or hasattr(beta, "dtype"):
+        if jnp.shape(beta) != () or not jnp.issubdtype(jnp.result_type(beta), jnp.floating):
+            raise ValueError(f"{name}: beta must be a real scalar >= 0, got an array of shape "
+                             f"{jnp.shape(beta)} and dtype {jnp.result_type(beta)}.")
+        if isinstance(beta, jax.core.Tracer):
+            return beta
+        beta = float(beta)
     try:
         value = float(beta)
     except (TypeError, ValueError):
@@ -430,16 +519,59 @@ def _check_choice(name, argument, value, allowed):
         raise ValueError(f"{name}: {argument}={value!r} is not one of {', '.join(map(repr, allowed))}.")
 
 
-def _check_segment_ids(name, segment_ids, batch_and_length):
-    if segment_ids is None:
-        return
-    shape = getattr(segment_ids, "shape", None)
-    if shape is None or tuple(shape) != tuple(batch_and_length):
-        raise ValueError(
-            f"{name}: segment_ids.shape={shape} must be [B, T] = {list(batch_and_length)}."
-        )
-    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-        raise ValueError(f"{name}: segment_ids.dtype={segment_ids.dtype} must be an integer dtype.")
+def _check_options(name, query_batch_and_length, key_length, *, mask, segment_ids,
+                   local_window_size, logits_soft_cap, key_value_seq_lengths):
+    """The options of METHOD (7), checked, as keyword arguments of an implementation (boolean
+    segment ids as int32, a mask as a rank-3 bool array)."""
+    batch, query_length = query_batch_and_length
+    if segment_ids is not None:
+        shape = getattr(segment_ids, "shape", None)
+        if shape is None or tuple(shape) != (batch, key_length):
+            raise ValueError(f"{name}: segment_ids.shape={shape} must be [B, Tk] = "
+                             f"{[batch, key_length]}.")
+        if segment_ids.dtype == jnp.bool_:
+            segment_ids = segment_ids.astype(jnp.int32)
+        elif not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(f"{name}: segment_ids.dtype={segment_ids.dtype} must be an integer "
+                             "or bool dtype.")
+    if mask is not None:
+        shape, dtype = getattr(mask, "shape", None), getattr(mask, "dtype", None)
+        wanted = (batch, query_length, key_length)
+        if (shape is None or len(shape) > 3
+                or any(have not in (1, want) for have, want in zip(shape[::-1], wanted[::-1]))):
+            raise ValueError(f"{name}: mask.shape={shape} must be broadcastable to [B, Tq, Tk] = "
+                             f"{list(wanted)}.")
+        if dtype != jnp.bool_:
+            raise ValueError(f"{name}: mask.dtype={dtype} must be bool (True = may attend); for "
+                             "an additive bias use alibi_slopes or your own logits.")
+        mask = jnp.reshape(mask, (1,) * (3 - len(shape)) + tuple(shape))
+    if local_window_size is not None:
+        if (isinstance(local_window_size, (tuple, list)) and len(local_window_size) == 2
+                and local_window_size[1] == 0):
+            local_window_size = local_window_size[0]  # jax.nn.dot_product_attention's (left, 0)
+        if isinstance(local_window_size, bool) or not isinstance(local_window_size, int) \
+                or local_window_size < 0:
+            raise ValueError(f"{name}: local_window_size={local_window_size!r} must be an int "
+                             ">= 0 (query i sees keys i - w .. i), or (w, 0), or None.")
+    if logits_soft_cap is not None:
+        if isinstance(logits_soft_cap, jax.core.Tracer):
+            raise ValueError(f"{name}: logits_soft_cap must be a Python float, not a traced value.")
+        try:
+            cap = float(logits_soft_cap)
+        except (TypeError, ValueError):
+            cap = float("nan")
+        if not (math.isfinite(cap) and cap > 0):
+            raise ValueError(f"{name}: logits_soft_cap={logits_soft_cap!r} must be a finite "
+                             "number > 0, or None.")
+        logits_soft_cap = cap
+    if key_value_seq_lengths is not None:
+        shape, dtype = getattr(key_value_seq_lengths, "shape", None), getattr(
+            key_value_seq_lengths, "dtype", None)
+        if shape is None or tuple(shape) != (batch,) or not jnp.issubdtype(dtype, jnp.integer):
+            raise ValueError(f"{name}: key_value_seq_lengths must be an int array of shape [B] = "
+                             f"[{batch}], got shape {shape} and dtype {dtype}.")
+    return dict(mask=mask, segment_ids=segment_ids, local_window_size=local_window_size,
+                logits_soft_cap=logits_soft_cap, key_value_seq_lengths=key_value_seq_lengths)
 
 
 def _check_scale(name, scale, width):
@@ -468,7 +600,9 @@ def _check_alibi(name, alibi_slopes, runway_alibi_slope, heads):
 
 
 def _resolve_implementation(name, implementation, *, interpret=False, width=None, scale=None,
-                            uses_alibi=False):
+                            uses_alibi=False, beta=0.0, lengths=None, mask=None, segment_ids=None,
+                            local_window_size=None, logits_soft_cap=None,
+                            key_value_seq_lengths=None):
     """The implementation that runs this call: ``implementation`` itself if it can, else a
     one-line ValueError; for ``None`` or a sequence, the first that can run it."""
     if implementation is None:
@@ -482,10 +616,20 @@ def _resolve_implementation(name, implementation, *, interpret=False, width=None
     else:
         _check_choice(name, "implementation", implementation, IMPLEMENTATIONS)
         candidates, explicit = (implementation,), True
+    unsupported = [option for option, used in (
+        ("ALiBi (alibi_slopes, runway_alibi_slope)", uses_alibi),
+        ("mask", mask is not None),
+        ("local_window_size", local_window_size is not None),
+        ("logits_soft_cap", logits_soft_cap is not None),
+        ("key_value_seq_lengths", key_value_seq_lengths is not None),
+        ("fewer queries than keys", lengths is not None and lengths[0] != lengths[1]),
+        ("a traced beta", isinstance(beta, jax.core.Tracer)),
+        ("a traced scale", isinstance(scale, jax.core.Tracer)),
+    ) if used]
     reasons = []
     for choice in candidates:
-        reason = _why_not_runnable(choice, interpret=interpret, width=width, scale=scale,
-                                   uses_alibi=uses_alibi)
+        reason = _why_not_runnable(choice, interpret=interpret, width=width,
+                                   unsupported=unsupported)
         if reason is None:
             return choice
         reasons.append(reason)
@@ -496,14 +640,13 @@ def _resolve_implementation(name, implementation, *, interpret=False, width=None
                      f"({details}).")
 
 
-def _why_not_runnable(implementation, *, interpret, width, scale, uses_alibi):
+def _why_not_runnable(implementation, *, interpret, width, unsupported):
     """Why ``implementation`` cannot run a call, or ``None`` if it can."""
     if implementation not in kernels.TARGETS:
         return None
-    if uses_alibi:
-        return "ALiBi (alibi_slopes, runway_alibi_slope) is not supported by the pallas kernels; use implementation='xla'"
-    if isinstance(scale, jax.core.Tracer):
-        return "a traced scale is not supported by the pallas kernels; pass a Python float or use implementation='xla'"
+    if unsupported:
+        return (f"{', '.join(unsupported)} {'is' if len(unsupported) == 1 else 'are'} not "
+                "supported by the pallas kernels; use implementation='xla'")
     if implementation == "pallas_gpu" and width is not None and width & (width - 1):
         return f"head width d={width} is not a power of two (Triton tiles); use implementation='xla'"
     if interpret or kernels.interpret_forced():

@@ -1,45 +1,52 @@
 """The ``"xla"`` implementation: METHOD eq. (3b) evaluated in query blocks and key blocks.
 
 Each query block I (``Bq`` rows) sees all ``Tp`` (padded) keys at once, so the largest arrays are
-the ``[B, Bq, H, Tp]`` logits; nothing is ``T x T x T`` or ``T x T x d``. For the exact span the
+the ``[B, Bq, H, Tkp]`` logits; nothing is ``T x T x T`` or ``T x T x d``. For the exact span the
 correction ``c_ij = <P_i(j), z_j>`` of eq. (3b) is split over key blocks J of size ``Bk``:
 
   c_ij = <S_i(J), z_j> + (A_{i,J} @ triu(W_J Z_J^T))_ij,   S_i(J) = sum_{J' < J} A_{i,J'} W_{J'}
 
-where ``S`` is an exclusive prefix sum over key blocks (``[B, Tp/Bk, Bq, d]``) and ``triu`` keeps
+where ``S`` is an exclusive prefix sum over key blocks (``[B, Tkp/Bk, Bq, d]``) and ``triu`` keeps
 ``k <= j``. The loop over query blocks is a ``lax.map`` of a rematerialized body, so the backward
 pass recomputes one block at a time instead of storing every block's ``Bq x Tp`` arrays: training
 memory stays ``O(Bq * Tp)`` per layer, like the forward pass.
 
-A query block's products run over every key (``probs @ values`` over all ``Tp``), so a masked zero
-meets every masked value; NaN/Inf inputs are therefore zeroed first and the rows that can see them
-set to NaN after (:func:`runway_jax.masking.quarantine_nonfinite`, ``O(B T H d)`` work).
+Every option of METHOD (7) is one visibility ``V`` per query block (``[B, Bq, Tkp]``, from the
+rows' positions, window, segments and ``mask``) and the soft cap on the logits; queries may be
+fewer than keys (each row knows its position among the keys).
+
+A query block's products run over every key (``probs @ values`` over all ``Tkp``), so a masked
+zero meets every masked value; NaN/Inf inputs are therefore zeroed first and the rows that see one
+(by the block's own ``V``) set to NaN after, as :func:`runway_jax.masking.quarantine_nonfinite`
+describes.
 
 Layouts were chosen by measurement on CPU (``benchmarks/attention.py``): the heads' logits keep
 the heads beside the key axis and the exact-span runway terms live in key-block layout
 ``[B, J, i, k]``; with other layouts XLA inserted transposes that made the rewired backward pass
 1.5x to 2x slower than it is.
 
-Shape letters: B batch, i query (``Bq``), j / k key (``Tp``, or ``Bk`` inside a key block J),
+Shape letters: B batch, i query (``Bq``), j / k key (``Tkp``, or ``Bk`` inside a key block J),
 K key/value heads, G query heads per key/value head, d head width.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
-from runway_jax.masking import (alibi_bias, finite_or_zero, masked_softmax, nonfinite_positions,
-                                 poison_rows, quarantine_nonfinite, seen_by_rows, visibility_mask)
+from runway_jax.masking import (at_positions, finite_or_zero, masked_softmax, nonfinite_positions,
+                                 poison_rows, query_positions, soft_cap, visible_keys)
 
 QUERY_BLOCK = 512
 KEY_BLOCK = 64
 
 
 def block_plan(length: int, query_block: int = QUERY_BLOCK, key_block: int = KEY_BLOCK):
-    """``(Bq, Bk, padded_length)``: ``Bk`` divides ``Bq`` and ``Bq`` divides ``padded_length``.
+    """``(Bq, Bk, padded_length)`` for ``length`` query rows: ``Bk`` divides ``Bq`` and ``Bq``
+    divides ``padded_length``.
 
     ``query_block`` is an upper bound: the blocks are evened out so that little is padding
     (T = 600 gives two blocks of 320, not two of 512).
@@ -53,7 +60,7 @@ def block_plan(length: int, query_block: int = QUERY_BLOCK, key_block: int = KEY
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "beta", "runway_coefficient", "runway_span", "query_block", "key_block"))
+    "runway_coefficient", "runway_span", "local_window_size", "query_block", "key_block"))
 def rewired_attention(
     query,
     key,
@@ -68,137 +75,205 @@ def rewired_attention(
     scale,
     alibi_slopes,
     runway_alibi_slope,
+    mask=None,
+    local_window_size=None,
+    logits_soft_cap=None,
+    key_value_seq_lengths=None,
     query_block=QUERY_BLOCK,
     key_block=KEY_BLOCK,
 ):
-    """METHOD eq. (3) with rho from eq. (3b); arguments as ``attention.rewired_attention``."""
-    (query, key, value, runway_query, runway_key), poisoned = quarantine_nonfinite(
-        query, key, value, runway_query, runway_key, segment_ids=segment_ids,
-        runway_reaches_output=beta != 0)
-    layout = _Layout(query, key, segment_ids, query_block, key_block)
-    runway = _Runway(layout, runway_query, runway_key, runway_coefficient, runway_span, scale,
-                     runway_alibi_slope)
-    keys, values = layout.pad(key), layout.pad(value)
+    """METHOD eqs. (3), (7) with rho from eq. (3b); arguments as ``attention.rewired_attention``."""
+    layout = _Layout(query, key, segment_ids, key_value_seq_lengths, mask, local_window_size,
+                     query_block, key_block)
+    runway = _Runway(layout, finite_or_zero(runway_query), finite_or_zero(runway_key),
+                     runway_coefficient, runway_span, scale, runway_alibi_slope, logits_soft_cap)
+    keys, values = layout.pad_keys(finite_or_zero(key)), layout.pad_keys(finite_or_zero(value))
+    # A non-finite runway query or key reaches the outputs only through rho (beta may be traced).
+    bad_runway = nonfinite_positions(runway_query, runway_key) & (jnp.asarray(beta) != 0)
+    bad_keys = layout.pad_keys(jnp.concatenate(
+        [nonfinite_positions(key, value), bad_runway[..., None]], axis=2))  # [B, Tkp, K + 1]
 
     def block(inputs):
-        query_rows, runway_rows, segments, start = inputs
-        rho = runway.coefficients(runway_rows, segments, start)
-        return _attend(query_rows, keys, values, layout, segments, start, scale, alibi_slopes,
-                       bias=-beta * rho)
+        rows, runway_rows = inputs
+        visible = layout.visible(rows)
+        rho = runway.coefficients(runway_rows, rows.positions, visible)
+        out = _attend(rows.query, keys, values, layout, rows.positions, visible, scale,
+                      alibi_slopes, logits_soft_cap, bias=-beta * rho)
+        return out, _seen(visible, bad_keys)
 
-    inputs = (layout.query_blocks(query), runway.query_blocks(), layout.segment_blocks(),
-              layout.starts)
-    out = layout.merge(jax.lax.map(jax.checkpoint(block, prevent_cse=False), inputs))
-    return poison_rows(out, poisoned)
+    rows = layout.query_rows(finite_or_zero(query))
+    out, seen = jax.lax.map(jax.checkpoint(block, prevent_cse=False),
+                            (rows, runway.query_rows()))
+    own_runway_query = at_positions(nonfinite_positions(runway_query)[..., None],
+                                    layout.positions[:, : layout.query_length])[..., 0]
+    own_runway_query = own_runway_query & (jnp.asarray(beta) != 0)
+    poisoned = layout.poisoned(seen, nonfinite_positions(query), own_runway_query)
+    return poison_rows(layout.merge(out), poisoned)
 
 
-@functools.partial(jax.jit, static_argnames=("query_block", "key_block"))
-def causal_attention(query, key, value, *, segment_ids, scale, alibi_slopes,
+@functools.partial(jax.jit, static_argnames=("local_window_size", "query_block", "key_block"))
+def causal_attention(query, key, value, *, segment_ids, scale, alibi_slopes, mask=None,
+                     local_window_size=None, logits_soft_cap=None, key_value_seq_lengths=None,
                      query_block=QUERY_BLOCK, key_block=KEY_BLOCK):
-    """Standard causal attention with the same blocking as :func:`rewired_attention`."""
-    (query, key, value), poisoned = quarantine_nonfinite(query, key, value,
-                                                         segment_ids=segment_ids)
-    layout = _Layout(query, key, segment_ids, query_block, key_block)
-    keys, values = layout.pad(key), layout.pad(value)
+    """Standard causal attention with the same blocking and options as :func:`rewired_attention`."""
+    layout = _Layout(query, key, segment_ids, key_value_seq_lengths, mask, local_window_size,
+                     query_block, key_block)
+    keys, values = layout.pad_keys(finite_or_zero(key)), layout.pad_keys(finite_or_zero(value))
+    bad_keys = layout.pad_keys(nonfinite_positions(key, value))
 
-    def block(inputs):
-        query_rows, segments, start = inputs
-        return _attend(query_rows, keys, values, layout, segments, start, scale, alibi_slopes,
-                       bias=None)
+    def block(rows):
+        visible = layout.visible(rows)
+        out = _attend(rows.query, keys, values, layout, rows.positions, visible, scale,
+                      alibi_slopes, logits_soft_cap, bias=None)
+        return out, _seen(visible, bad_keys)
 
-    inputs = (layout.query_blocks(query), layout.segment_blocks(), layout.starts)
-    out = layout.merge(jax.lax.map(jax.checkpoint(block, prevent_cse=False), inputs))
-    return poison_rows(out, poisoned)
+    out, seen = jax.lax.map(jax.checkpoint(block, prevent_cse=False),
+                            layout.query_rows(finite_or_zero(query)))
+    poisoned = layout.poisoned(seen, nonfinite_positions(query), None)
+    return poison_rows(layout.merge(out), poisoned)
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "runway_coefficient", "runway_span", "query_block", "key_block"))
+    "runway_coefficient", "runway_span", "local_window_size", "query_block", "key_block"))
 def runway_coefficients(runway_query, runway_key, *, runway_coefficient, runway_span, segment_ids,
-                        scale, runway_alibi_slope, query_block=QUERY_BLOCK, key_block=KEY_BLOCK):
-    """``[B, T, T]`` float32 rho of METHOD eq. (2), one query block at a time; rows that see a
-    non-finite runway query or key are NaN (see :func:`masking.quarantine_nonfinite`)."""
-    poisoned = seen_by_rows(nonfinite_positions(runway_query, runway_key), segment_ids)
-    runway_query, runway_key = finite_or_zero(runway_query), finite_or_zero(runway_key)
-    layout = _Layout(runway_query[:, :, None], runway_key[:, :, None], segment_ids, query_block,
-                     key_block)
-    runway = _Runway(layout, runway_query, runway_key, runway_coefficient, runway_span, scale,
-                     runway_alibi_slope)
+                        scale, runway_alibi_slope, mask=None, local_window_size=None,
+                        logits_soft_cap=None, query_block=QUERY_BLOCK, key_block=KEY_BLOCK):
+    """``[B, T, T]`` float32 rho of METHOD eqs. (2), (7), one query block at a time; rows that
+    see a non-finite runway query or key are NaN."""
+    layout = _Layout(runway_query[:, :, None], runway_key[:, :, None], segment_ids, None, mask,
+                     local_window_size, query_block, key_block)
+    runway = _Runway(layout, finite_or_zero(runway_query), finite_or_zero(runway_key),
+                     runway_coefficient, runway_span, scale, runway_alibi_slope, logits_soft_cap)
+    bad = layout.pad_keys(nonfinite_positions(runway_query, runway_key)[..., None])
 
     def block(inputs):
-        runway_rows, segments, start = inputs
-        return runway.coefficients(runway_rows, segments, start)
+        rows, runway_rows = inputs
+        visible = layout.visible(rows)
+        return runway.coefficients(runway_rows, rows.positions, visible), _seen(visible, bad)
 
-    rho = jax.lax.map(block, (runway.query_blocks(), layout.segment_blocks(), layout.starts))
-    batch, length = runway_query.shape[:2]
-    rho = jnp.moveaxis(rho, 0, 1).reshape(batch, layout.padded_length, layout.padded_length)
-    return jnp.where(poisoned[:, :, None], jnp.nan, rho[:, :length, :length])
+    rows = layout.query_rows(finite_or_zero(runway_query)[:, :, None])
+    rho, seen = jax.lax.map(block, (rows, runway.query_rows()))
+    length = runway_query.shape[1]
+    rho = layout.merge_rows(rho)[:, :, :length]
+    poisoned = layout.merge_rows(seen)[..., 0] | nonfinite_positions(runway_query)
+    return jnp.where(poisoned[:, :, None], jnp.nan, rho)
+
+
+class _Rows(NamedTuple):
+    """One query block's per-row inputs (stacked over blocks for ``lax.map``)."""
+
+    query: jax.Array  # [B, Bq, K, G, d]
+    positions: jax.Array  # [B, Bq] positions among the keys; -1: padding
+    segments: Optional[jax.Array]  # [B, Bq] segment ids, or None
+    mask: Optional[jax.Array]  # [B or 1, Bq, Tkp], or None
 
 
 class _Layout:
-    """Block sizes, padding and the reshapes between ``[B, T, ...]`` and query blocks."""
+    """Block sizes, padding, the rows' positions and the reshapes between ``[B, T, ...]`` and
+    query blocks; the visibility ``V`` of METHOD eq. (7a) of a query block."""
 
-    def __init__(self, query, key, segment_ids, query_block, key_block):
-        self.batch, self.length, self.heads = query.shape[:3]
-        self.kv_heads = key.shape[2]
-        self.query_block, self.key_block, self.padded_length = block_plan(
-            self.length, query_block, key_block)
-        self.num_query_blocks = self.padded_length // self.query_block
-        self.starts = jnp.arange(self.num_query_blocks) * self.query_block
-        self.key_positions = jnp.arange(self.padded_length)
-        if segment_ids is None:
-            segment_ids = jnp.zeros((self.batch, self.length), jnp.int32)
-        # Padding sits after every real token, so causality already hides it from real queries.
-        self.segments = self.pad(segment_ids)
+    def __init__(self, query, key, segment_ids, key_value_seq_lengths, mask, local_window_size,
+                 query_block, key_block):
+        self.batch, self.query_length, self.heads = query.shape[:3]
+        self.key_length, self.kv_heads = key.shape[1], key.shape[2]
+        self.query_block, _, self.padded_query_length = block_plan(
+            self.query_length, query_block, key_block)
+        self.key_block = min(key_block, self.key_length)
+        self.padded_key_length = _round_up(self.key_length, self.key_block)
+        self.num_query_blocks = self.padded_query_length // self.query_block
+        self.window = local_window_size
+        self.key_positions = jnp.arange(self.padded_key_length)
+        positions = jnp.broadcast_to(
+            query_positions(self.query_length, self.key_length, key_value_seq_lengths),
+            (self.batch, self.query_length))
+        # Padded query rows get position -1: they see nothing. Padded keys sit after every real
+        # position, so causality hides them from real rows.
+        self.positions = self._pad_rows(positions, -1)
+        self.key_segments = None if segment_ids is None else self.pad_keys(segment_ids)
+        self.query_segments = (None if segment_ids is None
+                               else self._pad_rows(at_positions(segment_ids, positions), 0))
+        self.mask = None
+        if mask is not None:
+            mask = jnp.broadcast_to(mask, (mask.shape[0], self.query_length, self.key_length))
+            widths = ((0, 0), (0, self.padded_query_length - self.query_length),
+                      (0, self.padded_key_length - self.key_length))
+            self.mask = jnp.pad(mask, widths)
 
-    def pad(self, x):
+    def _pad_rows(self, x, fill):
         widths = [(0, 0)] * x.ndim
-        widths[1] = (0, self.padded_length - self.length)
+        widths[1] = (0, self.padded_query_length - self.query_length)
+        return jnp.pad(x, widths, constant_values=fill)
+
+    def pad_keys(self, x):
+        widths = [(0, 0)] * x.ndim
+        widths[1] = (0, self.padded_key_length - self.key_length)
         return jnp.pad(x, widths)
 
     def blocks(self, x):
-        """``[B, T, ...] -> [num_query_blocks, B, Bq, ...]``."""
-        x = self.pad(x)
-        x = x.reshape(self.batch, self.num_query_blocks, self.query_block, *x.shape[2:])
+        """``[B, Tqp, ...] -> [num_query_blocks, B, Bq, ...]`` (``x`` already padded)."""
+        x = x.reshape(x.shape[0], self.num_query_blocks, self.query_block, *x.shape[2:])
         return jnp.moveaxis(x, 1, 0)
 
-    def query_blocks(self, query):
+    def query_rows(self, query):
+        """The per-row inputs of every query block, as ``_Rows`` of stacked blocks."""
         groups = self.heads // self.kv_heads
         query = query.reshape(*query.shape[:2], self.kv_heads, groups, query.shape[-1])  # BTKGd
-        return self.blocks(query)
+        optional = lambda x: None if x is None else self.blocks(x)
+        return _Rows(self.blocks(self._pad_rows(query, 0)), self.blocks(self.positions),
+                     optional(self.query_segments), optional(self.mask))
 
-    def segment_blocks(self):
-        return self.blocks(self.segments[:, : self.length])
+    def visible(self, rows):
+        """``[B or 1, Bq, Tkp]`` ``V`` of one query block (METHOD eq. (7a))."""
+        return visible_keys(rows.positions, self.key_positions, query_segments=rows.segments,
+                            key_segments=self.key_segments, local_window_size=self.window,
+                            mask=rows.mask)
+
+    def merge_rows(self, blocks):
+        """``[num_query_blocks, B, Bq, ...] -> [B, Tq, ...]``."""
+        out = jnp.moveaxis(blocks, 0, 1)
+        out = out.reshape(out.shape[0], self.padded_query_length, *out.shape[3:])
+        return out[:, : self.query_length]
 
     def merge(self, blocks):
-        """``[num_query_blocks, B, Bq, K, G, d] -> [B, T, H, d]``."""
-        out = jnp.moveaxis(blocks, 0, 1)
-        out = out.reshape(self.batch, self.padded_length, self.heads, out.shape[-1])
-        return out[:, : self.length]
+        """``[num_query_blocks, B, Bq, K, G, d] -> [B, Tq, H, d]``."""
+        out = self.merge_rows(blocks)
+        return out.reshape(*out.shape[:2], self.heads, out.shape[-1])
 
-    def query_positions(self, start):
-        return start + jnp.arange(self.query_block)
+    def poisoned(self, seen, bad_query, bad_own_runway_query):
+        """``[B, Tq, H]``: the rows that see a non-finite input (``seen`` by blocks,
+        ``[.., K (+ 1 for the runway head)]``), or whose own query is one."""
+        seen = self.merge_rows(seen)
+        groups = self.heads // self.kv_heads
+        poisoned = jnp.repeat(seen[..., : self.kv_heads], groups, axis=2) | bad_query
+        if bad_own_runway_query is not None:
+            poisoned = poisoned | (seen[..., self.kv_heads:] | bad_own_runway_query[..., None])
+        return poisoned
 
-    def mask(self, segments, start):
-        """``[B, Bq, Tp]`` visibility of the padded keys to one query block."""
-        return visibility_mask(self.query_positions(start), self.key_positions, segments,
-                               self.segments)
+
+def _seen(visible, bad_keys):
+    """``[B, Bq, X]``: rows of a block that see a non-finite key position (``bad_keys``
+    ``[B, Tkp, X]``); one small product, ``X`` = key/value heads (+ 1)."""
+    visible = jnp.broadcast_to(visible, (bad_keys.shape[0],) + visible.shape[1:])
+    return jnp.einsum("bik,bkx->bix", visible.astype(jnp.float32),
+                      bad_keys.astype(jnp.float32)) > 0
 
 
 class _Runway:
     """The runway head's arrays (float32, padded) and rho for one query block (eq. (3b))."""
 
     def __init__(self, layout, runway_query, runway_key, runway_coefficient, runway_span, scale,
-                 alibi_slope):
+                 alibi_slope, logits_soft_cap):
         self.layout = layout
         self.span = runway_span
         self.scale = scale
         self.alibi_slope = alibi_slope
+        self.cap = logits_soft_cap
         self.runway_query = runway_query.astype(jnp.float32)
-        self.key = layout.pad(runway_key.astype(jnp.float32))  # z_j, [B, Tp, d]
+        self.key = layout.pad_keys(runway_key.astype(jnp.float32))  # z_j, [B, Tkp, d]
         source = runway_query if runway_coefficient == "bilinear" else runway_key
-        self.values = layout.pad(source.astype(jnp.float32))  # w_k, [B, Tp, d]
+        self.values = layout.pad_keys(source.astype(jnp.float32))  # w_k, [B, Tkp, d]
         if runway_span == "exact":
-            num_key_blocks = layout.padded_length // layout.key_block
+            num_key_blocks = layout.padded_key_length // layout.key_block
             self.value_blocks = self.values.reshape(layout.batch, num_key_blocks, layout.key_block, -1)
             self.key_blocks = self.key.reshape(self.value_blocks.shape)
             # triu(W_J Z_J^T): [B, J, k, j] with k <= j; shared by every query block.
@@ -206,51 +281,58 @@ class _Runway:
             upper = jnp.triu(jnp.ones((layout.key_block, layout.key_block), bool))
             self.within_block = jnp.where(upper, within, 0.0)
 
-    def query_blocks(self):
-        return self.layout.blocks(jnp.stack([self.runway_query, self.values[:, : self.layout.length]], 2))
+    def query_rows(self):
+        """``[num_query_blocks, B, Bq, 2, d]``: each row's runway query and own ``w_i``."""
+        layout = self.layout
+        own = jnp.stack([self.runway_query, self.values[:, : layout.key_length]], 2)
+        return layout.blocks(at_positions(own, layout.positions))  # padded rows: position -1
 
-    def coefficients(self, runway_rows, segments, start):
-        """``[B, Bq, Tp]`` rho for the query block starting at ``start``; zero where undefined."""
+    def coefficients(self, runway_rows, positions, visible):
+        """``[B, Bq, Tkp]`` rho for one query block; zero where undefined."""
         runway_query, own_values = runway_rows[:, :, 0], runway_rows[:, :, 1]  # [B, Bq, d] each
         if self.span == "exact":
-            return self._exact(runway_query, own_values, segments, start)
-        return self._prefix(runway_query, own_values, segments, start)
+            return self._exact(runway_query, own_values, positions, visible)
+        return self._prefix(runway_query, own_values, positions, visible)
 
-    def _prefix(self, runway_query, own_values, segments, start):
-        layout = self.layout
-        query_positions = layout.query_positions(start)
-        mask = layout.mask(segments, start)  # [B, i, k]
-        logits = self.scale * jnp.einsum("bid,bkd->bik", runway_query, self.key)
+    def _logits(self, logits, distance):
         if self.alibi_slope is not None:
-            logits = logits + alibi_bias(query_positions, layout.key_positions, self.alibi_slope)
-        probs = masked_softmax(logits, mask)  # A_ik
-        diagonal = query_positions[:, None] == layout.key_positions[None, :]
-        diagonal_probs = jnp.sum(jnp.where(diagonal, probs, 0.0), axis=-1)  # A_ii, [B, Bq]
+            logits = logits - jnp.asarray(self.alibi_slope, jnp.float32) * distance
+        return soft_cap(logits, self.cap)  # eq. (7b)
+
+    def _prefix(self, runway_query, own_values, positions, visible):
+        layout = self.layout
+        distance = (positions[:, :, None] - layout.key_positions[None, None, :]).astype(jnp.float32)
+        logits = self._logits(self.scale * jnp.einsum("bid,bkd->bik", runway_query, self.key),
+                              distance)
+        probs = masked_softmax(logits, visible)  # A_ik
+        diagonal_probs = jnp.sum(jnp.where(distance == 0, probs, 0.0), axis=-1)  # A_ii, [B, Bq]
         # u_i = P_i(i-1) = (A w)_i - A_ii w_i (eq. (3b)): not a renormalized strictly-causal pass.
         runway_summary = jnp.einsum("bik,bkd->bid", probs, self.values)
         runway_summary -= diagonal_probs[..., None] * own_values
         rho = jnp.einsum("bid,bjd->bij", runway_summary, self.key)
-        return jnp.where(mask, self.scale * rho, 0.0)
+        return jnp.where(visible, self.scale * rho, 0.0)
 
-    def _exact(self, runway_query, own_values, segments, start):
+    def _exact(self, runway_query, own_values, positions, visible):
         """Everything in key-block layout ``[B, J, i, k]``, so that the block-batched products
-        need no transposes; one transpose back to ``[B, i, Tp]`` at the end."""
+        need no transposes; one transpose back to ``[B, i, Tkp]`` at the end."""
         layout = self.layout
-        batch, query_block, key_block = layout.batch, layout.query_block, layout.key_block
-        num_key_blocks = layout.padded_length // key_block
-        query_positions = layout.query_positions(start)
+        batch, key_block = layout.batch, layout.key_block
+        query_block = positions.shape[1]
+        num_key_blocks = layout.padded_key_length // key_block
         key_positions = layout.key_positions.reshape(num_key_blocks, key_block)
-        distance = query_positions[None, :, None] - key_positions[:, None, :]  # [J, i, k]
-        mask = (distance >= 0)[None] & (
-            segments[:, None, :, None]
-            == self.layout.segments.reshape(batch, num_key_blocks, 1, key_block))
-        logits = self.scale * jnp.einsum("bid,bJkd->bJik", runway_query, self.key_blocks)
-        if self.alibi_slope is not None:
-            logits = logits - jnp.asarray(self.alibi_slope, jnp.float32) * distance
+        distance = positions[:, None, :, None] - key_positions[None, :, None, :]  # [B, J, i, k]
+        to_blocks = lambda x: jnp.moveaxis(
+            x.reshape(x.shape[0], query_block, num_key_blocks, key_block), 2, 1)
+        mask = to_blocks(visible)
+        logits = self._logits(
+            self.scale * jnp.einsum("bid,bJkd->bJik", runway_query, self.key_blocks),
+            distance.astype(jnp.float32))
         probs = masked_softmax(logits, mask, axis=(1, 3))  # A_ik
-        # A_ii sits in key block (start + i) // Bk at offset (start + i) % Bk.
-        rows = jnp.arange(query_block)
-        diagonal_probs = probs[:, query_positions // key_block, rows, query_positions % key_block]
+        # A_ii sits in key block p // Bk at offset p % Bk for the row's position p (a row that
+        # sees nothing has probabilities 0 wherever the clipped index points).
+        own = jnp.clip(positions, 0, layout.padded_key_length - 1)
+        rows = jnp.arange(query_block)[None]
+        diagonal_probs = probs[jnp.arange(batch)[:, None], own // key_block, rows, own % key_block]
         block_sums = jnp.einsum("bJik,bJkd->bJid", probs, self.value_blocks)  # A_{i,J} W_J
         # u_i = P_i(i-1) = (A w)_i - A_ii w_i (eq. (3b)): not a renormalized strictly-causal pass.
         runway_summary = jnp.sum(block_sums, axis=1) - diagonal_probs[..., None] * own_values
@@ -260,14 +342,16 @@ class _Runway:
         rho -= jnp.einsum("bJik,bJkj->bJij", probs, self.within_block)
         # The runway j < k < i is empty for j >= i - 1 (eq. (2)); mask it exactly rather than
         # leave the rounding residue of the (3b) cancellation.
-        rho = jnp.where(mask & (distance >= 2)[None], self.scale * rho, 0.0)
-        return jnp.moveaxis(rho, 1, 2).reshape(batch, query_block, layout.padded_length)
+        rho = jnp.where(mask & (distance >= 2), self.scale * rho, 0.0)
+        return jnp.moveaxis(rho, 1, 2).reshape(batch, query_block, layout.padded_key_length)
 
 
-def _attend(query_rows, keys, values, layout, segments, start, scale, alibi_slopes, bias):
-    """Causal softmax attention of one query block ``[B, Bq, K, G, d]`` over all padded keys.
+def _attend(query_rows, keys, values, layout, positions, visible, scale, alibi_slopes,
+            logits_soft_cap, bias):
+    """Softmax attention of one query block ``[B, Bq, K, G, d]`` over all padded keys, restricted
+    to ``visible`` ``[B or 1, Bq, Tkp]``, logits ``s + bias`` (+ ALiBi), soft-capped (eq. (7c)).
 
-    The logits are laid out ``[B, Bq, K, G, Tp]`` (heads beside the key axis): with this layout
+    The logits are laid out ``[B, Bq, K, G, Tkp]`` (heads beside the key axis): with this layout
     XLA fuses the shared bias ``rho`` and its gradient (a sum over heads) into the softmax; with
     heads leading, the bias alone made forward+backward about 1.5x slower on CPU.
     """
@@ -277,9 +361,9 @@ def _attend(query_rows, keys, values, layout, segments, start, scale, alibi_slop
         logits = logits + bias[:, :, None, None, :]
     if alibi_slopes is not None:
         slopes = jnp.reshape(alibi_slopes, (layout.kv_heads, -1))  # head h = k * G + g
-        distance = layout.query_positions(start)[:, None] - layout.key_positions[None, :]
-        logits = logits - slopes[:, :, None] * distance[:, None, None, :].astype(jnp.float32)
-    probs = masked_softmax(logits, layout.mask(segments, start)[:, :, None, None, :])
+        distance = positions[:, :, None] - layout.key_positions[None, None, :]  # [B, Bq, Tkp]
+        logits = logits - slopes[:, :, None] * distance[:, :, None, None, :].astype(jnp.float32)
+    probs = masked_softmax(soft_cap(logits, logits_soft_cap), visible[:, :, None, None, :])
     out = jnp.einsum("bikgj,bjkd->bikgd", probs.astype(values.dtype), values,
                      preferred_element_type=jnp.float32)
     return out.astype(query_rows.dtype)

@@ -9,18 +9,52 @@ import jax.numpy as jnp
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def visibility_mask(query_positions, key_positions, query_segments=None, key_segments=None):
-    """``[B or 1, Tq, Tk]`` bool: key j is visible to query i (causal and same segment, eq. (5))."""
-    mask = (key_positions[None, :] <= query_positions[:, None])[None]
+def query_positions(query_length: int, key_length: int, key_value_seq_lengths=None):
+    """``[B or 1, Tq]`` int32 positions of the query rows among the keys, METHOD (7): the last
+    ``Tq`` positions of ``key_length`` keys, or of ``key_value_seq_lengths[b]`` keys per row."""
+    rows = jnp.arange(query_length, dtype=jnp.int32)
+    if key_value_seq_lengths is None:
+        return (key_length - query_length + rows)[None]
+    return jnp.asarray(key_value_seq_lengths, jnp.int32)[:, None] - query_length + rows[None]
+
+
+def at_positions(x, positions):
+    """``x`` ``[B, Tk, ...]`` read at ``positions`` ``[B or 1, Tq]`` (clipped into range): the
+    per-query-row value of a per-position array, e.g. a query row's segment id."""
+    positions = jnp.clip(positions, 0, x.shape[1] - 1)
+    positions = jnp.broadcast_to(positions, (x.shape[0], positions.shape[1]))
+    index = positions.reshape(positions.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, index, axis=1)
+
+
+def visible_keys(positions, key_positions, *, query_segments=None, key_segments=None,
+                 local_window_size=None, mask=None):
+    """``[B or 1, Tq, Tk]`` bool ``V_ij`` of METHOD eq. (7a): key j is at or before query i,
+    inside its window, in its segment, and allowed by ``mask``. ``positions`` ``[B or 1, Tq]``
+    (negative: the row sees nothing), ``key_positions`` ``[Tk]``."""
+    distance = positions[:, :, None] - key_positions[None, None, :]
+    visible = distance >= 0
+    if local_window_size is not None:
+        visible = visible & (distance <= local_window_size)
     if query_segments is not None:
-        mask = mask & (query_segments[:, :, None] == key_segments[:, None, :])
-    return mask
+        visible = visible & (query_segments[:, :, None] == key_segments[:, None, :])
+    if mask is not None:
+        visible = visible & mask
+    return visible
 
 
 def attention_mask(length: int, segment_ids=None):
     """``[B or 1, T, T]`` bool causal same-segment mask of a whole sequence."""
     positions = jnp.arange(length)
-    return visibility_mask(positions, positions, segment_ids, segment_ids)
+    return visible_keys(positions[None], positions, query_segments=segment_ids,
+                        key_segments=segment_ids)
+
+
+def soft_cap(logits, cap):
+    """``cap * tanh(logits / cap)`` (METHOD eqs. (7b), (7c)); ``cap=None`` leaves them as they are."""
+    if cap is None:
+        return logits
+    return cap * jnp.tanh(logits / cap)
 
 
 def alibi_bias(query_positions, key_positions, slopes):
@@ -82,6 +116,14 @@ def seen_by_rows(bad, segment_ids=None):
     return jnp.take_along_axis(sorted_seen, expand(jnp.argsort(order, axis=1)), axis=1)
 
 
+def rows_seeing(bad, visible):
+    """``[B, Tq, X]`` bool: row i sees (``visible`` ``[B or 1, Tq, Tk]``) a key position where
+    ``bad`` ``[B, Tk, X]`` holds. For any visibility (masks, windows, fewer queries than keys);
+    the cost is one ``Tq x Tk`` product, small beside attention's."""
+    visible = jnp.broadcast_to(visible, (bad.shape[0],) + visible.shape[1:])
+    return jnp.einsum("bqk,bkx->bqx", visible.astype(jnp.float32), bad.astype(jnp.float32)) > 0
+
+
 def quarantine_nonfinite(query, key, value, runway_query=None, runway_key=None, *,
                          segment_ids=None, runway_reaches_output=True):
     """Inputs with NaN/Inf replaced by 0, and the ``[B, T, H]`` bool of output rows that see a
@@ -94,8 +136,10 @@ def quarantine_nonfinite(query, key, value, runway_query=None, runway_key=None, 
     """
     heads, kv_heads = query.shape[2], key.shape[2]
     bad = [nonfinite_positions(key, value)]  # [B, T, K]
-    if runway_query is not None and runway_reaches_output:
-        bad.append(nonfinite_positions(runway_query, runway_key)[..., None])  # [B, T, 1]
+    if runway_query is not None and runway_reaches_output is not False:
+        # runway_reaches_output may be traced (beta != 0 for a traced beta).
+        bad.append((nonfinite_positions(runway_query, runway_key)
+                    & jnp.asarray(runway_reaches_output))[..., None])  # [B, T, 1]
     seen = seen_by_rows(jnp.concatenate(bad, axis=2), segment_ids)
     poisoned = jnp.repeat(seen[..., :kv_heads], heads // kv_heads, axis=2)  # head h: kv h // G
     if seen.shape[2] > kv_heads:

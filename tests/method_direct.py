@@ -76,3 +76,102 @@ def direct(query, key, value, runway_query, runway_key, *, beta, runway_coeffici
     logits = scale * jnp.einsum("bihd,bjhd->bhij", q, k_h) - beta * rho[:, None]
     p = jax.nn.softmax(jnp.where(visible[:, None], logits, -jnp.inf), -1)
     return jnp.einsum("bhij,bjhd->bihd", p, v_h), rho
+
+
+def spec_loop(query, key, value, runway_query, runway_key, *, beta, runway_coefficient,
+              runway_span, mask=None, segment_ids=None, local_window_size=None,
+              logits_soft_cap=None, key_value_seq_lengths=None):
+    """METHOD eqs. (2), (3) with the options of (7), term by term in float64 NumPy.
+
+    ``query`` has ``Tq <= Tk`` rows at positions ``p_r = L_b - Tq + r`` (``L_b = Tk`` or
+    ``key_value_seq_lengths[b]``); visibility (7a); soft cap after every bias (7b, 7c).
+    Returns (output [B, Tq, H, d], rho [B, Tq, Tk]).
+    """
+    q, k, v, rq, rk = (np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+                       for x in (query, key, value, runway_query, runway_key))
+    batch, query_length, heads, width = q.shape
+    key_length = k.shape[1]
+    groups = heads // k.shape[2]
+    scale = 1.0 / np.sqrt(width)
+    beta = float(beta)
+    mask = None if mask is None else np.broadcast_to(np.asarray(mask), (batch, query_length, key_length))
+    cap = (lambda x: x) if logits_soft_cap is None else (
+        lambda x: logits_soft_cap * np.tanh(x / logits_soft_cap))
+    out = np.zeros(q.shape)
+    rho = np.zeros((batch, query_length, key_length))
+    for b in range(batch):
+        end = key_length if key_value_seq_lengths is None else int(key_value_seq_lengths[b])
+        seg = None if segment_ids is None else np.asarray(segment_ids)[b]
+        for r in range(query_length):
+            i = end - query_length + r
+
+            def visible(j):
+                return (0 <= j <= i and (local_window_size is None or i - j <= local_window_size)
+                        and (seg is None or seg[i] == seg[j]) and (mask is None or mask[b, r, j]))
+
+            def softmax(logit):
+                row = np.array([cap(logit(j)) if visible(j) else -np.inf for j in range(key_length)])
+                if not np.isfinite(row).any():
+                    return np.zeros(key_length)
+                e = np.exp(row - row.max())
+                return e / e.sum()
+
+            A = softmax(lambda j: scale * rq[b, i] @ rk[b, j])  # (7b)
+            w = rq[b] if runway_coefficient == "bilinear" else rk[b]
+            for j in range(key_length):
+                if not visible(j):
+                    continue
+                runway = range(j + 1, i) if runway_span == "exact" else range(0, i)
+                rho[b, r, j] = sum(A[kk] * scale * (w[kk] @ rk[b, j]) for kk in runway)
+            for h in range(heads):
+                p = softmax(lambda j: scale * q[b, r, h] @ k[b, j, h // groups]
+                            - beta * rho[b, r, j])  # (3), (7c)
+                out[b, r, h] = p @ v[b, :, h // groups]
+    return out, rho
+
+
+def direct_options(query, key, value, runway_query, runway_key, *, beta, runway_coefficient,
+                   runway_span, mask=None, segment_ids=None, local_window_size=None,
+                   logits_soft_cap=None, key_value_seq_lengths=None):
+    """Differentiable float32 twin of :func:`spec_loop`, with an explicit [Tq, Tk, Tk] runway
+    indicator (autodiff of it gives the gradients the implementations must match)."""
+    q, k, v, rq, rk = (jnp.asarray(x, jnp.float32) for x in (query, key, value, runway_query, runway_key))
+    batch, query_length, heads, width = q.shape
+    key_length = k.shape[1]
+    groups = heads // k.shape[2]
+    scale = 1.0 / np.sqrt(width)
+    ends = (jnp.full((batch,), key_length) if key_value_seq_lengths is None
+            else jnp.asarray(key_value_seq_lengths))
+    i = ends[:, None] - query_length + jnp.arange(query_length)[None]  # [B, Tq] positions
+    j = jnp.arange(key_length)
+    visible = (j[None, None] <= i[:, :, None]) & (i[:, :, None] >= 0)
+    if local_window_size is not None:
+        visible &= i[:, :, None] - j[None, None] <= local_window_size
+    if segment_ids is not None:
+        seg = jnp.asarray(segment_ids).astype(jnp.int32)
+        own = jnp.take_along_axis(seg, jnp.clip(i, 0, key_length - 1), axis=1)
+        visible &= own[:, :, None] == seg[:, None, :]
+    if mask is not None:
+        visible &= jnp.broadcast_to(jnp.asarray(mask), visible.shape)
+    cap = (lambda x: x) if logits_soft_cap is None else (
+        lambda x: logits_soft_cap * jnp.tanh(x / logits_soft_cap))
+
+    def softmax(logits, visible):
+        p = jax.nn.softmax(jnp.where(visible, cap(logits), -1e30), -1)
+        return jnp.where(visible, p, 0.0)
+
+    own_rq = jnp.take_along_axis(rq, jnp.clip(i, 0, key_length - 1)[..., None], axis=1)
+    A = softmax(scale * jnp.einsum("bid,bkd->bik", own_rq, rk), visible)  # [B, Tq, Tk]
+    w = rq if runway_coefficient == "bilinear" else rk
+    g = scale * jnp.einsum("bkd,bjd->bkj", w, rk)
+    kk = j[None, None, :, None]
+    jj = j[None, None, None, :]
+    ii = i[:, :, None, None]
+    runway = (jj < kk) & (kk < ii) if runway_span == "exact" else (kk < ii) & (jj <= ii)
+    rho = jnp.einsum("bik,bkj,bikj->bij", A, g, runway.astype(jnp.float32))
+    rho = jnp.where(visible, rho, 0.0)
+    k_h = jnp.repeat(k, groups, axis=2)
+    v_h = jnp.repeat(v, groups, axis=2)
+    logits = scale * jnp.einsum("bihd,bjhd->bhij", q, k_h) - beta * rho[:, None]
+    p = softmax(logits, visible[:, None])
+    return jnp.einsum("bhij,bjhd->bihd", p, v_h), rho

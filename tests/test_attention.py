@@ -289,12 +289,6 @@ def test_pallas_implementations_need_their_accelerator_or_interpret_mode(impleme
         attention.rewired_attention(*inputs, implementation=implementation)
 
 
-def test_traced_beta_is_rejected_with_advice():
-    inputs = make_inputs(14, 1, 4, 2, 2, 8)
-    with pytest.raises(ValueError, match="concrete"):
-        jax.jit(lambda b: attention.rewired_attention(*inputs, beta=b))(1.0)
-
-
 def test_jit_and_default_implementation():
     inputs = make_inputs(15, 1, 9, 2, 2, 8)
     fn = jax.jit(functools.partial(attention.rewired_attention, beta=0.5))
