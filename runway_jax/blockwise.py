@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 
 from runway_jax.masking import (at_positions, finite_or_zero, masked_softmax, nonfinite_positions,
-                                 poison_rows, query_positions, soft_cap, visible_keys)
+                                 poison_rows, query_positions, rows_seeing, soft_cap,
+                                 visible_keys)
 
 QUERY_BLOCK = 512
 KEY_BLOCK = 64
@@ -99,7 +100,7 @@ def rewired_attention(
         rho = runway.coefficients(runway_rows, rows.positions, visible)
         out = _attend(rows.query, keys, values, layout, rows.positions, visible, scale,
                       alibi_slopes, logits_soft_cap, bias=-beta * rho)
-        return out, _seen(visible, bad_keys)
+        return out, rows_seeing(bad_keys, visible)
 
     rows = layout.query_rows(finite_or_zero(query))
     out, seen = jax.lax.map(jax.checkpoint(block, prevent_cse=False),
@@ -125,7 +126,7 @@ def causal_attention(query, key, value, *, segment_ids, scale, alibi_slopes, mas
         visible = layout.visible(rows)
         out = _attend(rows.query, keys, values, layout, rows.positions, visible, scale,
                       alibi_slopes, logits_soft_cap, bias=None)
-        return out, _seen(visible, bad_keys)
+        return out, rows_seeing(bad_keys, visible)
 
     out, seen = jax.lax.map(jax.checkpoint(block, prevent_cse=False),
                             layout.query_rows(finite_or_zero(query)))
@@ -149,7 +150,7 @@ def runway_coefficients(runway_query, runway_key, *, runway_coefficient, runway_
     def block(inputs):
         rows, runway_rows = inputs
         visible = layout.visible(rows)
-        return runway.coefficients(runway_rows, rows.positions, visible), _seen(visible, bad)
+        return runway.coefficients(runway_rows, rows.positions, visible), rows_seeing(bad, visible)
 
     rows = layout.query_rows(finite_or_zero(runway_query)[:, :, None])
     rho, seen = jax.lax.map(block, (rows, runway.query_rows()))
@@ -248,14 +249,6 @@ class _Layout:
         if bad_own_runway_query is not None:
             poisoned = poisoned | (seen[..., self.kv_heads:] | bad_own_runway_query[..., None])
         return poisoned
-
-
-def _seen(visible, bad_keys):
-    """``[B, Bq, X]``: rows of a block that see a non-finite key position (``bad_keys``
-    ``[B, Tkp, X]``); one small product, ``X`` = key/value heads (+ 1)."""
-    visible = jnp.broadcast_to(visible, (bad_keys.shape[0],) + visible.shape[1:])
-    return jnp.einsum("bik,bkx->bix", visible.astype(jnp.float32),
-                      bad_keys.astype(jnp.float32)) > 0
 
 
 class _Runway:
