@@ -3,7 +3,7 @@
     python benchmarks/decode.py [--lengths=512,2048] [--tokens=32] [--preset=small]
                                 [--out=benchmarks/results/decode.json]
 
-For each cache length S it fills the cache up to S - tokens and times ``tokens`` jitted
+For each cache length S it prefills the cache up to S - tokens and times ``tokens`` jitted
 ``decode_step`` calls (batch 1, float32) for the rewired model and its baseline (same code,
 ``rewire=False``), and prints the time per token and the ratio rewired / baseline.
 """
@@ -16,21 +16,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from runway_jax import TransformerLM, model_preset
-from runway_jax.decoding import decode_step, init_cache
+from runway_jax.decoding import decode_step, init_cache, prefill
 from common import write_results  # benchmarks/common.py
 
 
 def seconds_per_token(config, length, tokens):
     model = TransformerLM(config, rngs=nnx.Rngs(0))
     step = nnx.jit(decode_step)
-    cache = init_cache(model, batch=1, length=length)
     token = jnp.zeros((1,), jnp.int32)
-    start_position = length - tokens
-    logits, cache = step(model, cache, token, start_position - 1)  # compile (position is traced)
+    prompt = jnp.zeros((1, length - tokens - 1), jnp.int32)
+    _, cache = nnx.jit(prefill)(model, init_cache(model, batch=1, length=length), prompt)
+    logits, cache = step(model, cache, token)  # compile
     jax.block_until_ready(logits)
     start = time.perf_counter()
-    for position in range(start_position, length):
-        logits, cache = step(model, cache, token, position)
+    for _ in range(tokens):
+        logits, cache = step(model, cache, token)
     jax.block_until_ready(logits)
     return (time.perf_counter() - start) / tokens
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from runway_jax import attention
+from runway_jax import cache as kv_cache
 from runway_jax.attention_config import AttentionConfig
 from runway_jax.positions import alibi_slopes, apply_rope
 
@@ -40,32 +41,55 @@ WEIGHT_AXES = {
 
 
 def multi_head_attention(x, weights, config: AttentionConfig, *, positions=None, segment_ids=None,
-                         dtype=None):
+                         dtype=None, cache=None, prompt_lengths=None):
     """Run one attention layer: ``x`` ``[B, T, D]`` -> ``[B, T, D]``.
 
     Args:
       x: layer input.
       weights: mapping with the arrays ``query``, ``key``, ``value``, ``out`` of
         ``config.weight_shapes()``.
-      positions: int ``[B, T]`` positions for RoPE/ALiBi (default ``0..T-1``; packed rows restart
-        at every document).
+      positions: int ``[B, T]`` positions for RoPE/ALiBi (default ``0..T-1``, or the positions
+        after each row's cached length in a decode step; packed rows restart at every document).
       segment_ids: optional int ``[B, T]`` document ids of a packed row (METHOD eq. (5)).
       dtype: compute dtype (default: ``x.dtype``); softmax and rho stay float32 inside.
+      cache: optional layer cache from :func:`init_layer_cache`. With ``prompt_lengths`` (int
+        ``[B]``) ``x`` is a right-padded prompt, attended in one pass and stored (prefill);
+        without, ``x`` holds the next ``T`` positions of every row (a decode step). Either way
+        the result is ``(y, cache)``; see :mod:`runway_jax.cache`.
     """
     dtype = dtype or x.dtype
     batch, length, _ = x.shape
+    if cache is not None and segment_ids is not None:
+        raise ValueError("multi_head_attention: segment_ids cannot be combined with a cache; "
+                         "decode one document per row.")
     if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        start = 0 if cache is None or prompt_lengths is not None else cache["heads"].lengths[:, None]
+        positions = start + jnp.broadcast_to(jnp.arange(length), (batch, length))
     query, key, value = project(x, weights, config, positions, dtype)
     slopes = alibi_slopes(config.num_heads) if config.position == "alibi" else None
     common = dict(segment_ids=segment_ids, implementation=config.implementations)
+    new_cache = {}
 
+    def attend(name, *arrays, **options):
+        """The library's attention, or the same through this layer's cache ``name``."""
+        if cache is None:
+            call = attention.rewired_attention if len(arrays) == 5 else attention.causal_attention
+            return call(*arrays, **options)
+        options.pop("segment_ids")
+        if prompt_lengths is not None:
+            out, new_cache[name] = kv_cache.prefill(cache[name], *arrays, lengths=prompt_lengths,
+                                                    **options)
+        else:
+            out, new_cache[name] = kv_cache.decode_step(cache[name], *arrays, **options)
+        return out
+
+    kv_heads = config.kv_heads
     if not config.rewire:
-        heads = attention.causal_attention(query, key, value, alibi_slopes=slopes, **common)
+        heads = attend("heads", query, key, value, alibi_slopes=slopes, **common)
     else:
-        kv_heads = config.kv_heads
         runway_query, runway_key = query[:, :, -1], key[:, :, -1]  # [B, T, d], METHOD eq. (1)
-        heads = attention.rewired_attention(
+        heads = attend(
+            "heads",
             query[:, :, :-1],
             key[:, :, :kv_heads],
             value[:, :, :kv_heads],
@@ -80,11 +104,26 @@ def multi_head_attention(x, weights, config: AttentionConfig, *, positions=None,
         )
         if config.keeps_runway_output:
             # Ablation: the runway head also attends normally and keeps its output slice.
-            runway_output = attention.causal_attention(
-                runway_query[:, :, None], runway_key[:, :, None], value[:, :, kv_heads:],
-                alibi_slopes=None if slopes is None else slopes[-1:], **common)
+            runway_output = attend(
+                "runway_head", runway_query[:, :, None], runway_key[:, :, None],
+                value[:, :, kv_heads:], alibi_slopes=None if slopes is None else slopes[-1:],
+                **common)
             heads = jnp.concatenate([heads, runway_output], axis=2)
-    return jnp.einsum("btHd,HdD->btD", heads, weights["out"].astype(dtype))
+    y = jnp.einsum("btHd,HdD->btD", heads, weights["out"].astype(dtype))
+    return y if cache is None else (y, new_cache)
+
+
+def init_layer_cache(config: AttentionConfig, batch: int, max_length: int, dtype=jnp.float32):
+    """An empty cache for :func:`multi_head_attention`: ``{"heads": AttentionCache}`` (and
+    ``"runway_head"``, the runway head's own keys and values, in the keep-output ablation)."""
+    cache = {"heads": kv_cache.init_cache(batch, max_length, kv_heads=config.kv_heads,
+                                          head_width=config.head_width, dtype=dtype,
+                                          rewired=config.rewire)}
+    if config.keeps_runway_output:
+        cache["runway_head"] = kv_cache.init_cache(batch, max_length, kv_heads=1,
+                                                   head_width=config.head_width, dtype=dtype,
+                                                   rewired=False)
+    return cache
 
 
 def project(x, weights, config: AttentionConfig, positions, dtype):
@@ -127,7 +166,11 @@ class RewiredMultiHeadAttention(nnx.Module):
         for name, value in weights.items():
             setattr(self, name, nnx.Param(value, logical_axes=WEIGHT_AXES[name]))
 
-    def __call__(self, x, *, positions=None, segment_ids=None):
+    def __call__(self, x, *, positions=None, segment_ids=None, cache=None, prompt_lengths=None):
         weights = {name: getattr(self, name)[...] for name in WEIGHT_AXES}
         return multi_head_attention(x, weights, self.config, positions=positions,
-                                    segment_ids=segment_ids, dtype=self.dtype)
+                                    segment_ids=segment_ids, dtype=self.dtype, cache=cache,
+                                    prompt_lengths=prompt_lengths)
+
+    def init_cache(self, batch: int, max_length: int):
+        return init_layer_cache(self.config, batch, max_length, self.dtype or jnp.float32)

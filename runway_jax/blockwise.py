@@ -43,6 +43,10 @@ from runway_jax.masking import (at_positions, finite_or_zero, masked_softmax, no
 
 QUERY_BLOCK = 512
 KEY_BLOCK = 64
+# At most this many query rows (decoding, small chunks) take the exact span by a running sum over
+# the keys (``O(Tq Tk d)``) instead of key blocks, whose ``triu(W_J Z_J^T)`` costs ``O(Tk Bk d)``
+# per call however few the rows (64x the attention's own work for one decoded token).
+FEW_ROWS = 16
 
 
 def block_plan(length: int, query_block: int = QUERY_BLOCK, key_block: int = KEY_BLOCK):
@@ -265,7 +269,8 @@ class _Runway:
         self.key = layout.pad_keys(runway_key.astype(jnp.float32))  # z_j, [B, Tkp, d]
         source = runway_query if runway_coefficient == "bilinear" else runway_key
         self.values = layout.pad_keys(source.astype(jnp.float32))  # w_k, [B, Tkp, d]
-        if runway_span == "exact":
+        self.few_rows = layout.query_block <= FEW_ROWS
+        if runway_span == "exact" and not self.few_rows:
             num_key_blocks = layout.padded_key_length // layout.key_block
             self.value_blocks = self.values.reshape(layout.batch, num_key_blocks, layout.key_block, -1)
             self.key_blocks = self.key.reshape(self.value_blocks.shape)
@@ -283,6 +288,8 @@ class _Runway:
     def coefficients(self, runway_rows, positions, visible):
         """``[B, Bq, Tkp]`` rho for one query block; zero where undefined."""
         runway_query, own_values = runway_rows[:, :, 0], runway_rows[:, :, 1]  # [B, Bq, d] each
+        if self.span == "exact" and self.few_rows:
+            return self._exact_by_running_sums(runway_query, own_values, positions, visible)
         if self.span == "exact":
             return self._exact(runway_query, own_values, positions, visible)
         return self._prefix(runway_query, own_values, positions, visible)
@@ -304,6 +311,20 @@ class _Runway:
         runway_summary -= diagonal_probs[..., None] * own_values
         rho = jnp.einsum("bid,bjd->bij", runway_summary, self.key)
         return jnp.where(visible, self.scale * rho, 0.0)
+
+    def _exact_by_running_sums(self, runway_query, own_values, positions, visible):
+        """Eq. (3b) with ``P_i(j)`` as a cumulative sum over the keys: ``[B, Bq, Tkp, d]``, cheap
+        for the few rows of a decoding step."""
+        layout = self.layout
+        distance = positions[:, :, None] - layout.key_positions[None, None, :]  # [B, Bq, Tkp]
+        logits = self._logits(self.scale * jnp.einsum("bid,bkd->bik", runway_query, self.key),
+                              distance.astype(jnp.float32))
+        probs = masked_softmax(logits, visible)  # A_ik
+        diagonal_probs = jnp.sum(jnp.where(distance == 0, probs, 0.0), axis=-1)  # A_ii
+        running = jnp.cumsum(probs[..., None] * self.values[:, None], axis=2)  # P_i(j)
+        runway_summary = running[:, :, -1] - diagonal_probs[..., None] * own_values  # u_i
+        rho = jnp.einsum("bijd,bjd->bij", runway_summary[:, :, None] - running, self.key)
+        return jnp.where(visible & (distance >= 2), self.scale * rho, 0.0)
 
     def _exact(self, runway_query, own_values, positions, visible):
         """Everything in key-block layout ``[B, J, i, k]``, so that the block-batched products

@@ -1,17 +1,13 @@
-"""Decoding with a fixed-size cache, METHOD eq. (4).
+"""Generation with a ``TransformerLM`` and its cache (METHOD (4), invariant 8).
 
-For each layer the cache holds the keys and values of the attending heads and, in rewired layers,
-the runway head's ``z`` (its keys) and ``w`` (its queries for the bilinear kernel, its keys for
-the dot kernel). A new token t costs ``O(t d)`` per layer, like standard decoding: its runway
-attention row ``A_t.`` over the cache, the running sums ``P_t(j) = sum_{k <= j} A_tk w_k``, and
+Every layer's attention goes through :mod:`runway_jax.cache`, i.e. the library's
+``rewired_attention`` with ``key_value_seq_lengths``: :func:`prefill` runs the prompts in one
+parallel pass (the training forward) and :func:`decode_step` appends one token per row at the
+row's own length. A rewired step costs ``O(S d)`` per layer for a cache of ``S`` positions, like
+standard decoding (the runway head's row, rho by running sums of eq. (3b), then the rewired heads).
 
-  rho_tj = scale * <P_t(t-1) - P_t(j), z_j>   for j <= t - 2   (exact; eq. (3b))
-  rho_tj = scale * <P_t(t-1), z_j>            for j <= t       (prefix)
-
-then the rewired heads attend with logits ``s_tj - beta * rho_tj`` (eq. (3)). Logits equal those
-of the full forward pass (invariant 8). Rows of a batch decode in lockstep at one shared position.
-
-Shape letters: B batch, S cache length, K key/value heads, G query heads per K, d head width.
+Prompts of a batch may have different lengths (``prompt_lengths``), padded on the right (the
+default) or on the left; :func:`generate` stops a row at ``end_token``.
 """
 
 from __future__ import annotations
@@ -20,157 +16,142 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from runway_jax.attention_layer import project
 from runway_jax.masking import MASK_VALUE
-from runway_jax.positions import alibi_slopes
+
+PADDING_SIDES = ("right", "left")
 
 
-def init_cache(model, batch: int, length: int) -> list[dict]:
+def init_cache(model, batch: int, length: int) -> list:
     """An empty cache of ``length`` positions for every layer of ``model`` (a TransformerLM)."""
-    caches = []
-    for block in model.blocks:
-        config = block.attention.config
-        width = config.head_width
-        dtype = block.attention.dtype or jnp.float32
-        layer = {
-            "key": jnp.zeros((batch, length, config.kv_heads, width), dtype),
-            "value": jnp.zeros((batch, length, config.kv_heads + int(config.keeps_runway_output), width), dtype),
-        }
-        if config.rewire:
-            layer["runway_key"] = jnp.zeros((batch, length, width), jnp.float32)  # z
-            layer["runway_values"] = jnp.zeros((batch, length, width), jnp.float32)  # w
-        caches.append(layer)
-    return caches
+    return model.init_cache(batch, length)
 
 
-def decode_step(model, cache: list[dict], tokens, position):
-    """Feed ``tokens`` ``[B]`` at ``position`` (a scalar int): returns float32 logits ``[B, V]``
-    for the next token and the updated cache."""
-    x = model.embed(tokens[:, None])  # [B, 1, D]
-    new_cache = []
-    for block, layer_cache in zip(model.blocks, cache):
-        attended, layer_cache = _attention_step(block.attention, block.attention_norm(x), layer_cache, position)
-        x = x + attended
-        x = x + block.mlp(block.mlp_norm(x))
-        new_cache.append(layer_cache)
-    return model.logits(x)[:, 0], new_cache
+def prefill(model, cache, prompt, prompt_lengths=None):
+    """Feed right-padded prompts ``[B, P]`` (row b's ``prompt_lengths[b]`` tokens first) in one
+    pass: returns float32 logits ``[B, V]`` for each row's next token and the filled cache."""
+    batch, length = prompt.shape
+    if prompt_lengths is None:
+        prompt_lengths = jnp.full((batch,), length, jnp.int32)
+    logits, cache = model(prompt, cache=cache, prompt_lengths=prompt_lengths)
+    last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+    return last, cache
 
 
-def _attention_step(layer, x, cache, position):
-    config = layer.config
-    dtype = layer.dtype or x.dtype
-    weights = {name: getattr(layer, name)[...] for name in ("query", "key", "value", "out")}
-    batch = x.shape[0]
-    positions = jnp.full((batch, 1), position, jnp.int32)
-    query, key, value = project(x, weights, config, positions, dtype)  # [B, 1, ., d]
-    scale = 1.0 / jnp.sqrt(jnp.float32(config.head_width))
-    cache_positions = jnp.arange(cache["key"].shape[1])
-    visible = cache_positions <= position  # [S]
-    slopes = alibi_slopes(config.num_heads) if config.position == "alibi" else None
-    distance = (position - cache_positions).astype(jnp.float32)  # [S]
-    kv_heads = config.kv_heads
-
-    def write(name, new):
-        return jax.lax.dynamic_update_slice_in_dim(cache[name], new.astype(cache[name].dtype), position, axis=1)
-
-    cache = dict(cache, key=write("key", key[:, :, :kv_heads]), value=write("value", value))
-    bias = None
-    if config.rewire:
-        runway_query = query[:, 0, -1].astype(jnp.float32)  # [B, d]
-        runway_key = key[:, :, -1].astype(jnp.float32)  # [B, 1, d]
-        runway_value = (query[:, :, -1] if config.runway_coefficient == "bilinear" else key[:, :, -1])
-        cache = dict(cache, runway_key=write("runway_key", runway_key),
-                     runway_values=write("runway_values", runway_value.astype(jnp.float32)))
-        z, w = cache["runway_key"], cache["runway_values"]  # [B, S, d]
-        logits = scale * jnp.einsum("bd,bsd->bs", runway_query, z)
-        if slopes is not None:
-            logits = logits - slopes[-1] * distance
-        runway_probs = _softmax(logits, visible)  # A_t., [B, S]
-        weighted = runway_probs[..., None] * w  # A_tk w_k
-        prefix_sums = jnp.cumsum(weighted, axis=1)  # P_t(j), [B, S, d]
-        summary = jnp.sum(jnp.where((cache_positions < position)[:, None], weighted, 0.0), 1)  # u_t
-        if config.runway_span == "exact":
-            rho = scale * jnp.einsum("bsd,bsd->bs", summary[:, None] - prefix_sums, z)
-            rho = jnp.where(cache_positions <= position - 2, rho, 0.0)
-        else:
-            rho = jnp.where(visible, scale * jnp.einsum("bd,bsd->bs", summary, z), 0.0)
-        bias = -config.beta * rho  # [B, S]
-        heads_query = query[:, 0, :-1]
-    else:
-        heads_query = query[:, 0]
-    groups = heads_query.shape[1] // kv_heads
-    heads_query = heads_query.reshape(batch, kv_heads, groups, -1)
-    logits = scale * jnp.einsum("bkgd,bskd->bkgs", heads_query, cache["key"],
-                                preferred_element_type=jnp.float32)
-    if bias is not None:
-        logits = logits + bias[:, None, None]
-    if slopes is not None:
-        head_slopes = slopes[: config.attending_heads].reshape(kv_heads, groups)
-        logits = logits - head_slopes[None, :, :, None] * distance
-    probs = _softmax(logits, visible)
-    heads = jnp.einsum("bkgs,bskd->bkgd", probs.astype(dtype), cache["value"][:, :, :kv_heads],
-                       preferred_element_type=jnp.float32).reshape(batch, 1, -1, config.head_width)
-    if config.keeps_runway_output:  # the ablation: the runway head's own output
-        runway_output = jnp.einsum("bs,bsd->bd", runway_probs, cache["value"][:, :, kv_heads].astype(jnp.float32))
-        heads = jnp.concatenate([heads, runway_output[:, None, None].astype(heads.dtype)], axis=2)
-    out = jnp.einsum("btHd,HdD->btD", heads.astype(dtype), weights["out"].astype(dtype))
-    return out, cache
+def decode_step(model, cache, tokens):
+    """Append ``tokens`` ``[B]`` at each row's length: returns float32 logits ``[B, V]`` for the
+    next token and the updated cache."""
+    logits, cache = model(tokens[:, None], cache=cache)
+    return logits[:, 0], cache
 
 
-def _softmax(logits, visible):
-    """Float32 softmax over the visible cache positions (the rest exactly 0)."""
-    probs = jax.nn.softmax(jnp.where(visible, logits.astype(jnp.float32), MASK_VALUE), axis=-1)
-    return jnp.where(visible, probs, 0.0)
+def generate(model, prompt, *, max_new_tokens: int, prompt_lengths=None,
+             padding_side: str = "right", end_token: int | None = None, pad_token: int = 0,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             rng=None, cache_length: int | None = None):
+    """Continue ``prompt`` ``[B, P]`` by up to ``max_new_tokens`` tokens per row: greedy when
+    ``temperature`` is 0, else sampled (optionally restricted to the ``top_k`` tokens and/or the
+    smallest set of tokens whose probability reaches ``top_p``).
 
+    Args:
+      prompt_lengths: optional int ``[B]``, each row's real prompt length (default ``P``).
+      padding_side: where a shorter prompt's padding is, ``"right"`` or ``"left"``.
+      end_token: a row stops after producing it (the loop ends when every row has).
+      pad_token: fills each row after its end (and its prompt padding).
 
-def generate(model, prompt, *, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, rng=None,
-             cache_length: int | None = None):
-    """Continue ``prompt`` ``[B, P]`` by ``max_new_tokens`` tokens: greedy when ``temperature``
-    is 0, else sampled (optionally restricted to the ``top_k`` tokens and/or the smallest set
-    of tokens whose probability reaches ``top_p``). Returns ``[B, P + max_new_tokens]``.
-
-    One jit-compiled program with a fixed-size cache (``cache_length``, default just enough);
-    the prompt is fed through the same cached step, one position at a time."""
+    Returns ``[B, P + max_new_tokens]``: each row's prompt and continuation, padded with
+    ``pad_token`` on the same side as the prompt. One jit-compiled program: a parallel prefill,
+    then cached decode steps (``cache_length``, default just enough).
+    """
     if max_new_tokens < 1 or temperature < 0 or (top_k is not None and top_k < 1) or (
             top_p is not None and not 0 < top_p <= 1):
         raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1, temperature="
                          f"{temperature} >= 0, top_k={top_k} >= 1 and top_p={top_p} in (0, 1].")
-    length = prompt.shape[1] + max_new_tokens
+    if padding_side not in PADDING_SIDES:
+        raise ValueError(f"generate: padding_side={padding_side!r}; use one of {PADDING_SIDES}.")
+    batch, prompt_length = prompt.shape
+    if prompt_lengths is not None:
+        prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
+        if prompt_lengths.shape != (batch,):
+            raise ValueError(f"generate: prompt_lengths.shape={prompt_lengths.shape} must be [B] = ({batch},).")
+        if _concrete(prompt_lengths) and not bool(
+                jnp.all((prompt_lengths >= 1) & (prompt_lengths <= prompt_length))):
+            raise ValueError(f"generate: every prompt length must be in [1, {prompt_length}], got "
+                             f"{prompt_lengths.tolist()}.")
+    length = prompt_length + max_new_tokens
     cache_length = cache_length or length
     if cache_length < length:
         raise ValueError(f"generate: cache_length={cache_length} is shorter than prompt + new tokens = {length}.")
     graphdef, state = nnx.split(model)
     rng = jax.random.key(0) if rng is None else rng
-    return _generate(graphdef, state, prompt, rng, max_new_tokens, float(temperature), top_k, top_p,
-                     cache_length)
+    if prompt_lengths is None:
+        prompt_lengths = jnp.full((batch,), prompt_length, jnp.int32)
+    return _generate(graphdef, state, prompt, prompt_lengths, rng, max_new_tokens,
+                     float(temperature), top_k, top_p, cache_length, padding_side, end_token,
+                     pad_token)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8))
-def _generate(graphdef, state, prompt, rng, max_new_tokens, temperature, top_k, top_p, cache_length):
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9, 10, 11, 12))
+def _generate(graphdef, state, prompt, prompt_lengths, rng, max_new_tokens, temperature, top_k,
+              top_p, cache_length, padding_side, end_token, pad_token):
     model = nnx.merge(graphdef, state)
     batch, prompt_length = prompt.shape
+    total = prompt_length + max_new_tokens
+    if padding_side == "left":  # the cache wants every row to start at position 0
+        prompt = _shift_rows(prompt, prompt_lengths - prompt_length)
+    logits, cache = prefill(model, init_cache(model, batch, cache_length), prompt, prompt_lengths)
+    real = jnp.arange(prompt_length) < prompt_lengths[:, None]
+    tokens = jnp.full((batch, total), pad_token, prompt.dtype)
+    tokens = tokens.at[:, :prompt_length].set(jnp.where(real, prompt, pad_token))
+    rows = jnp.arange(batch)
 
-    def feed(cache, inputs):
-        token, position = inputs
-        logits, cache = decode_step(model, cache, token, position)
-        return cache, logits
+    def unfinished(carry):
+        step, _, _, _, _, done = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
 
-    cache, prompt_logits = jax.lax.scan(feed, init_cache(model, batch, cache_length),
-                                        (prompt.T, jnp.arange(prompt_length)))
-
-    def extend(carry, position):
-        cache, logits, key = carry
+    def extend(carry):
+        step, cache, logits, key, tokens, done = carry
         key, sample_key = jax.random.split(key)
-        token = _sample(logits, sample_key, temperature, top_k, top_p)
-        logits, cache = decode_step(model, cache, token, position)
-        return (cache, logits, key), token
+        token = _sample(logits, sample_key, temperature, top_k, top_p).astype(tokens.dtype)
+        token = jnp.where(done, pad_token, token)
+        tokens = tokens.at[rows, prompt_lengths + step].set(token)
+        if end_token is not None:
+            done = done | (token == end_token)
+        logits, cache = decode_step(model, cache, token)
+        return step + 1, cache, logits, key, tokens, done
 
-    positions = jnp.arange(prompt_length, prompt_length + max_new_tokens)
-    _, new_tokens = jax.lax.scan(extend, (cache, prompt_logits[-1], rng), positions)
-    return jnp.concatenate([prompt, new_tokens.T.astype(prompt.dtype)], axis=1)
+    done = jnp.zeros((batch,), bool)
+    step, _, _, _, tokens, done = jax.lax.while_loop(
+        unfinished, extend, (jnp.int32(0), cache, logits, rng, tokens, done))
+    if padding_side == "left":
+        produced = _produced(tokens, prompt_lengths, step, end_token)
+        tokens = _shift_rows(tokens, total - prompt_lengths - produced)
+    return tokens
+
+
+def _concrete(array) -> bool:
+    try:
+        np.asarray(array)
+        return True
+    except jax.errors.TracerArrayConversionError:
+        return False
+
+
+def _shift_rows(tokens, shifts):
+    """Row b rolled right by ``shifts[b]`` (negative: left)."""
+    return jax.vmap(lambda row, shift: jnp.roll(row, shift))(tokens, shifts)
+
+
+def _produced(tokens, prompt_lengths, steps, end_token):
+    """How many tokens each row generated (through its end token, if any)."""
+    if end_token is None:
+        return jnp.full(prompt_lengths.shape, steps)
+    offsets = jnp.arange(tokens.shape[1])[None] - prompt_lengths[:, None]
+    is_end = (tokens == end_token) & (offsets >= 0) & (offsets < steps)
+    first_end = jnp.min(jnp.where(is_end, offsets, tokens.shape[1]), axis=1)
+    return jnp.minimum(first_end + 1, steps)
 
 
 def _sample(logits, key, temperature, top_k, top_p):

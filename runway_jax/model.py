@@ -60,9 +60,14 @@ class Block(nnx.Module):
         self.mlp = SwiGLU(config.features, config.mlp_dim, rngs=rngs, dtype=dtype,
                           param_dtype=param_dtype)
 
-    def __call__(self, x, *, positions, segment_ids):
-        x = x + self.attention(self.attention_norm(x), positions=positions, segment_ids=segment_ids)
-        return x + self.mlp(self.mlp_norm(x))
+    def __call__(self, x, *, positions, segment_ids, cache=None, prompt_lengths=None):
+        attended = self.attention(self.attention_norm(x), positions=positions,
+                                  segment_ids=segment_ids, cache=cache, prompt_lengths=prompt_lengths)
+        if cache is not None:
+            attended, cache = attended
+        x = x + attended
+        x = x + self.mlp(self.mlp_norm(x))
+        return x if cache is None else (x, cache)
 
 
 class TransformerLM(nnx.Module):
@@ -81,9 +86,13 @@ class TransformerLM(nnx.Module):
             self.unembedding = _param(rngs.params(), (config.features, config.vocab_size),
                                       config.features, param_dtype, ("embed", "vocab"))
 
-    def __call__(self, tokens, *, positions=None, segment_ids=None):
+    def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None, prompt_lengths=None):
         """Args: ``tokens`` int ``[B, T]``; optional ``positions`` and ``segment_ids`` int
-        ``[B, T]`` for packed rows (METHOD eq. (5)): positions restart at every document."""
+        ``[B, T]`` for packed rows (METHOD eq. (5)): positions restart at every document.
+
+        With ``cache`` (from :meth:`init_cache`) it returns ``(logits, cache)``: a prefill of the
+        right-padded prompts ``tokens`` when ``prompt_lengths`` (int ``[B]``) is given, else a
+        decode step of ``T`` new tokens per row (see :mod:`runway_jax.decoding`)."""
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(
                 f"TransformerLM: tokens must be int [B, T], got shape {tokens.shape} dtype {tokens.dtype}."
@@ -91,12 +100,26 @@ class TransformerLM(nnx.Module):
         for name, array in (("positions", positions), ("segment_ids", segment_ids)):
             if array is not None and array.shape != tokens.shape:
                 raise ValueError(f"TransformerLM: {name}.shape={array.shape} must equal tokens.shape={tokens.shape}.")
-        if positions is None:
+        if cache is not None and len(cache) != len(self.blocks):
+            raise ValueError(f"TransformerLM: the cache has {len(cache)} layers, the model "
+                             f"{len(self.blocks)}; make it with model.init_cache.")
+        if positions is None and cache is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x, positions=positions, segment_ids=segment_ids)
-        return self.logits(x)
+        if cache is None:
+            for block in self.blocks:
+                x = block(x, positions=positions, segment_ids=segment_ids)
+            return self.logits(x)
+        new_cache = []
+        for block, layer_cache in zip(self.blocks, cache):
+            x, layer_cache = block(x, positions=positions, segment_ids=segment_ids,
+                                   cache=layer_cache, prompt_lengths=prompt_lengths)
+            new_cache.append(layer_cache)
+        return self.logits(x), new_cache
+
+    def init_cache(self, batch: int, max_length: int) -> list:
+        """An empty decoding cache of ``max_length`` positions, one entry per layer."""
+        return [block.attention.init_cache(batch, max_length) for block in self.blocks]
 
     def embed(self, tokens):
         """Token ids ``[B, T]`` -> ``[B, T, D]`` in the compute dtype."""
