@@ -114,3 +114,24 @@ def test_passkey_script_writes_json_and_heatmap(trained):
     assert report["depths"] == [0.0, 1.0] and len(report["exact_accuracy"][0]) == 2
     assert report["chance_rank_accuracy"] == 0.1 and report["compare"][0]["rewire"] is False
     assert (trained["rewired"] / "eval" / "passkey.png").stat().st_size > 10_000
+
+
+def test_generate_script_continues_the_prompt_as_generate_does(trained, capsys):
+    import generate as generate_script  # eval/generate.py
+
+    from runway_jax.decoding import generate
+
+    workdir = str(trained["rewired"])
+    assert generate_script.main([f"--workdir={workdir}", "--prompt=line 1 of", "--max_new_tokens=12"]) == 0
+    printed = capsys.readouterr().out.rstrip("\n")
+    model, _, tokenizer, _ = load_trained(workdir)
+    prompt = list(tokenizer.encode("line 1 of"))
+    tokens = generate(model, jnp.asarray([prompt]), max_new_tokens=12, end_token=tokenizer.eos_id)
+    new = [int(t) for t in tokens[0, len(prompt):]]
+    new = new[: new.index(tokenizer.eos_id)] if tokenizer.eos_id in new else new
+    assert printed == "line 1 of" + tokenizer.decode(new) and len(printed) > len("line 1 of")
+    assert generate_script.main([f"--workdir={workdir}", "--prompt=x", "--temperature=1",
+                                 "--top_k=5", "--top_p=0.9", "--seed=3", "--max_new_tokens=4"]) == 0
+    capsys.readouterr()
+    assert generate_script.main([f"--workdir={workdir}", "--prompt=x", "--top_p=2"]) == 2
+    assert "--top_p=2 is out of range" in capsys.readouterr().err
