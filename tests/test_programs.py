@@ -61,10 +61,13 @@ def test_train_step_benchmark_runs_and_writes_json(tmp_path):
 def test_decode_benchmark_runs_and_writes_json(tmp_path):
     out = tmp_path / "decode.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--lengths=16",
-                    "--tokens=2", "--preset=tiny", f"--out={out}"],
+                    "--tokens=2", "--prompt=8", "--preset=tiny", f"--out={out}"],
                    check=True, capture_output=True, timeout=600)
-    row = json.loads(out.read_text())["rows"][0]
+    results = json.loads(out.read_text())
+    row = results["rows"][0]
     assert row["cache_length"] == 16 and row["ratio"] > 0
+    assert results["prefill"]["rewired"]["prompt_tokens"] == 8
+    assert results["prefill"]["baseline"]["parallel_tokens_per_second"] > 0
 
 
 def test_memory_benchmark_counts_parameters_and_optimizer_state(tmp_path):
