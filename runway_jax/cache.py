@@ -95,7 +95,9 @@ def decode_step(cache: AttentionCache, query, key, value, runway_query=None, run
 
     Args as :func:`prefill` with ``P`` replaced by the ``T`` new positions (``T = 1`` to decode a
     token; more for a chunk). Returns ``(output [B, T, H, d], cache)``; the output rows equal
-    those of the full forward pass over each row's ``lengths[b] + T`` positions.
+    those of the full forward pass over each row's ``lengths[b] + T`` positions. Keep
+    ``lengths + T <= max_length``: under ``jit`` a longer write cannot be refused and would
+    overwrite the last positions.
     """
     _check_fits(cache, key, runway_key, None, key.shape[1], "decode_step")
     cache = _write(cache, key, value, runway_query, runway_key, cache.lengths)
