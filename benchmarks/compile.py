@@ -32,7 +32,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import SingleDeviceSharding
+from jax.sharding import make_single_device_sharding
 
 from runway_jax import attention
 from runway_jax.kernels import common
@@ -64,7 +64,7 @@ def splash(length, heads):
 
 def variants(length, batch, heads, width, device):
     """``{name: (fn, abstract inputs)}`` of one T."""
-    shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=SingleDeviceSharding(device))
+    shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=make_single_device_sharding(device))
     rewired_inputs = [shape(batch, length, heads - 1, width)] * 3 + [shape(batch, length, width)] * 2
     found = {f"pallas_tpu_{span}": (rewired(span, "pallas_tpu"), rewired_inputs) for span in SPANS}
     found["xla_exact"] = (rewired("exact", "xla"), rewired_inputs)

@@ -16,7 +16,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.sharding import SingleDeviceSharding
+from jax.sharding import make_single_device_sharding
 
 from runway_jax import kernels
 from runway_jax.kernels import common
@@ -48,7 +48,7 @@ def test_both_kernel_passes_compile_for_tpu_v5e_with_their_cost_estimates():
     device = topology_devices("v5e:2x2")[0]
     assert device.platform == "tpu" and device.device_kind == "TPU v5 lite"
     b, t, h, d = 1, 256, 4, 128
-    shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=SingleDeviceSharding(device))
+    shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=make_single_device_sharding(device))
     args = [shape(b, t, h, d)] * 3 + [shape(b, t, d)] * 2
 
     def forward(q, k, v, rq, rk):
@@ -79,6 +79,54 @@ def test_both_kernel_passes_compile_for_tpu_v5e_with_their_cost_estimates():
         assert memory.argument_size_in_bytes == 3 * b * t * h * d * 2 + 2 * b * t * d * 2
         assert 0 < memory.generated_code_size_in_bytes
         assert memory.temp_size_in_bytes < b * h * t * t * 4  # less than one float32 T x T per head
+
+
+@needs_libtpu
+def test_kernels_with_window_soft_cap_ragged_rows_and_traced_beta_compile_for_tpu_v5e():
+    """The METHOD (7) options through Mosaic: 256 queries over 1024 keys with per-row lengths
+    (scalar prefetch), a window of 200 (a key grid of 4 steps, not 8), a soft cap and beta as a
+    runtime SMEM scalar, forward and backward; XLA's FLOPs are the kernels' estimates of the
+    tiles that run (fewer than causal attention's)."""
+    from jax.experimental import pallas as pl
+
+    from runway_jax.training.aot import topology_devices
+
+    device = topology_devices("v5e:2x2")[0]
+    b, tq, tk, h, d, window = 1, 256, 1024, 4, 128, 200
+    on_chip = SingleDeviceSharding(device)
+    shape = lambda dtype, *s: jax.ShapeDtypeStruct(s, dtype, sharding=on_chip)
+    args = ([shape(jnp.bfloat16, b, tq, h, d)] + [shape(jnp.bfloat16, b, tk, h, d)] * 2
+            + [shape(jnp.bfloat16, b, tk, d)] * 2
+            + [shape(jnp.float32), shape(jnp.int32, b)])
+
+    def forward(q, k, v, rq, rk, beta, lengths):
+        return kernels.rewired_attention(q, k, v, rq, rk, target="pallas_tpu", beta=beta,
+                                         runway_coefficient="bilinear", runway_span="exact",
+                                         segment_ids=None, scale=None, local_window_size=window,
+                                         logits_soft_cap=30.0, key_value_seq_lengths=lengths)
+
+    def loss_gradients(*a):
+        return jax.value_and_grad(lambda *x: forward(*x, *a[5:]).astype(jnp.float32).sum(),
+                                  argnums=range(5))(*a[:5])
+
+    plan = common.plan(tq, common.BlockSizes.tpu_default(), key_length=tk, window=window,
+                       ragged=True)
+    assert (plan.key_steps, plan.num_key_blocks) == (4, 8)
+    forward_flops = common.forward_cost(b, tk, h, h, d, 2, span="exact", window=window,
+                                        query_length=tq, soft_cap=True)[0]
+    assert forward_flops < common.forward_cost(b, tk, h, h, d, 2, span="exact",
+                                               query_length=tq)[0]
+    backward_flops = sum(common.backward_pass_estimate(
+        pl, b, h, h, d, 2, plan_=plan, span="exact", key_pass=key_pass, soft_cap=True).flops
+        for key_pass in (False, True))
+    for fn, calls, flops in ((forward, 2, forward_flops),
+                             (loss_gradients, 4, forward_flops + backward_flops)):
+        compiled = jax.jit(fn).lower(*args).compile()
+        text = compiled.as_text()
+        assert text.count('custom_call_target="tpu_custom_call"') == calls
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        assert flops <= cost["flops"] < 1.05 * flops
 
 
 @needs_libtpu
