@@ -13,7 +13,13 @@ memory stays ``O(Bq * Tp)`` per layer, like the forward pass.
 
 Every option of METHOD (7) is one visibility ``V`` per query block (``[B, Bq, Tkp]``, from the
 rows' positions, window, segments and ``mask``) and the soft cap on the logits; queries may be
-fewer than keys (each row knows its position among the keys).
+fewer than keys (each row knows its position among the keys). With ``local_window_size`` w a query
+block reads only the keys its rows can see, a slice of ``round_up(Bq + w, Bk) + Bk`` keys that
+starts at a key-block boundary, so windowed attention costs ``O(T (Bq + w))``, not ``O(T^2)``:
+the slice holds every visible key and every runway token of a visible pair (they lie inside the
+window, METHOD (7a)), and the keys before it are invisible to the block's rows, so they add
+nothing to the runway head's prefix sums. Positions inside a block are taken relative to the
+slice's start; distances, and so every mask, are unchanged.
 
 A query block's products run over every key (``probs @ values`` over all ``Tkp``), so a masked
 zero meets every masked value; NaN/Inf inputs are therefore zeroed first and the rows that see one
@@ -100,11 +106,14 @@ def rewired_attention(
 
     def block(inputs):
         rows, runway_rows = inputs
-        visible = layout.visible(rows)
-        rho = runway.coefficients(runway_rows, rows.positions, visible)
-        out = _attend(rows.query, keys, values, layout, rows.positions, visible, scale,
-                      alibi_slopes, logits_soft_cap, bias=-beta * rho)
-        return out, rows_seeing(bad_keys, visible)
+        start = layout.window_start(rows)
+        rows = layout.relative_to(rows, start)
+        visible = layout.visible(rows, start)
+        rho = runway.coefficients(runway_rows, rows.positions, visible, start)
+        out = _attend(rows.query, layout.take_keys(keys, start), layout.take_keys(values, start),
+                      layout, rows.positions, visible, scale, alibi_slopes, logits_soft_cap,
+                      bias=-beta * rho)
+        return out, rows_seeing(layout.take_keys(bad_keys, start), visible)
 
     rows = layout.query_rows(finite_or_zero(query))
     out, seen = jax.lax.map(jax.checkpoint(block, prevent_cse=False),
@@ -127,10 +136,13 @@ def causal_attention(query, key, value, *, segment_ids, scale, alibi_slopes, mas
     bad_keys = layout.pad_keys(nonfinite_positions(key, value))
 
     def block(rows):
-        visible = layout.visible(rows)
-        out = _attend(rows.query, keys, values, layout, rows.positions, visible, scale,
-                      alibi_slopes, logits_soft_cap, bias=None)
-        return out, rows_seeing(bad_keys, visible)
+        start = layout.window_start(rows)
+        rows = layout.relative_to(rows, start)
+        visible = layout.visible(rows, start)
+        out = _attend(rows.query, layout.take_keys(keys, start), layout.take_keys(values, start),
+                      layout, rows.positions, visible, scale, alibi_slopes, logits_soft_cap,
+                      bias=None)
+        return out, rows_seeing(layout.take_keys(bad_keys, start), visible)
 
     out, seen = jax.lax.map(jax.checkpoint(block, prevent_cse=False),
                             layout.query_rows(finite_or_zero(query)))
@@ -146,15 +158,16 @@ def runway_coefficients(runway_query, runway_key, *, runway_coefficient, runway_
     """``[B, T, T]`` float32 rho of METHOD eqs. (2), (7), one query block at a time; rows that
     see a non-finite runway query or key are NaN."""
     layout = _Layout(runway_query[:, :, None], runway_key[:, :, None], segment_ids, None, mask,
-                     local_window_size, query_block, key_block)
+                     local_window_size, query_block, key_block, slice_window=False)
     runway = _Runway(layout, finite_or_zero(runway_query), finite_or_zero(runway_key),
                      runway_coefficient, runway_span, scale, runway_alibi_slope, logits_soft_cap)
     bad = layout.pad_keys(nonfinite_positions(runway_query, runway_key)[..., None])
 
     def block(inputs):
         rows, runway_rows = inputs
-        visible = layout.visible(rows)
-        return runway.coefficients(runway_rows, rows.positions, visible), rows_seeing(bad, visible)
+        visible = layout.visible(rows, None)
+        rho = runway.coefficients(runway_rows, rows.positions, visible, None)
+        return rho, rows_seeing(bad, visible)
 
     rows = layout.query_rows(finite_or_zero(runway_query)[:, :, None])
     rho, seen = jax.lax.map(block, (rows, runway.query_rows()))
@@ -178,7 +191,7 @@ class _Layout:
     query blocks; the visibility ``V`` of METHOD eq. (7a) of a query block."""
 
     def __init__(self, query, key, segment_ids, key_value_seq_lengths, mask, local_window_size,
-                 query_block, key_block):
+                 query_block, key_block, slice_window=True):
         self.batch, self.query_length, self.heads = query.shape[:3]
         self.key_length, self.kv_heads = key.shape[1], key.shape[2]
         self.query_block, _, self.padded_query_length = block_plan(
@@ -187,7 +200,13 @@ class _Layout:
         self.padded_key_length = _round_up(self.key_length, self.key_block)
         self.num_query_blocks = self.padded_query_length // self.query_block
         self.window = local_window_size
-        self.key_positions = jnp.arange(self.padded_key_length)
+        # The keys one query block reads: all of them, or with a window only the slice its rows
+        # can see (a query block's rows ascend, so the slice starts at most w before the first).
+        self.key_span = self.padded_key_length
+        if slice_window and local_window_size is not None:
+            span = _round_up(self.query_block + local_window_size, self.key_block) + self.key_block
+            self.key_span = min(span, self.padded_key_length)
+        self.key_positions = jnp.arange(self.key_span)  # relative to the block's slice
         positions = jnp.broadcast_to(
             query_positions(self.query_length, self.key_length, key_value_seq_lengths),
             (self.batch, self.query_length))
@@ -227,10 +246,38 @@ class _Layout:
         return _Rows(self.blocks(self._pad_rows(query, 0)), self.blocks(self.positions),
                      optional(self.query_segments), optional(self.mask))
 
-    def visible(self, rows):
-        """``[B or 1, Bq, Tkp]`` ``V`` of one query block (METHOD eq. (7a))."""
+    def window_start(self, rows):
+        """``[B]`` int: where the block's slice of keys starts (a multiple of ``Bk``), or None
+        when the block reads every key."""
+        if self.key_span == self.padded_key_length:
+            return None
+        first = jnp.maximum(rows.positions[:, 0] - self.window, 0)  # the first row's first key
+        start = first // self.key_block * self.key_block
+        return jnp.minimum(start, self.padded_key_length - self.key_span)
+
+    def take_keys(self, x, start, axis=1, unit=1):
+        """The block's slice of ``x`` along its key ``axis`` (``unit``: keys per entry, ``Bk``
+        for arrays in key blocks); ``x`` itself when the block reads every key."""
+        if start is None:
+            return x
+        x = jnp.broadcast_to(x, (self.batch,) + x.shape[1:])
+        take = lambda row, begin: jax.lax.dynamic_slice_in_dim(
+            row, begin, self.key_span // unit, axis=axis - 1)
+        return jax.vmap(take)(x, start // unit)
+
+    def relative_to(self, rows, start):
+        """``rows`` with positions relative to the slice's start and the mask sliced alike."""
+        if start is None:
+            return rows
+        mask = None if rows.mask is None else self.take_keys(rows.mask, start, axis=2)
+        return rows._replace(positions=rows.positions - start[:, None], mask=mask)
+
+    def visible(self, rows, start):
+        """``[B or 1, Bq, S]`` ``V`` of one query block (METHOD eq. (7a)) over its ``S`` keys."""
+        key_segments = (None if self.key_segments is None
+                        else self.take_keys(self.key_segments, start))
         return visible_keys(rows.positions, self.key_positions, query_segments=rows.segments,
-                            key_segments=self.key_segments, local_window_size=self.window,
+                            key_segments=key_segments, local_window_size=self.window,
                             mask=rows.mask)
 
     def merge_rows(self, blocks):
@@ -285,79 +332,86 @@ class _Runway:
         own = jnp.stack([self.runway_query, self.values[:, : layout.key_length]], 2)
         return layout.blocks(at_positions(own, layout.positions))  # padded rows: position -1
 
-    def coefficients(self, runway_rows, positions, visible):
-        """``[B, Bq, Tkp]`` rho for one query block; zero where undefined."""
+    def coefficients(self, runway_rows, positions, visible, start):
+        """``[B, Bq, S]`` rho for one query block over its slice of keys (``start``, see
+        ``_Layout.take_keys``); zero where undefined."""
         runway_query, own_values = runway_rows[:, :, 0], runway_rows[:, :, 1]  # [B, Bq, d] each
+        take = functools.partial(self.layout.take_keys, start=start)
+        keys, values = take(self.key), take(self.values)
         if self.span == "exact" and self.few_rows:
-            return self._exact_by_running_sums(runway_query, own_values, positions, visible)
+            return self._exact_by_running_sums(runway_query, own_values, positions, visible,
+                                               keys, values)
         if self.span == "exact":
-            return self._exact(runway_query, own_values, positions, visible)
-        return self._prefix(runway_query, own_values, positions, visible)
+            blocks = functools.partial(take, unit=self.layout.key_block)
+            return self._exact(runway_query, own_values, positions, visible, blocks(self.key_blocks),
+                               blocks(self.value_blocks), blocks(self.within_block))
+        return self._prefix(runway_query, own_values, positions, visible, keys, values)
 
     def _logits(self, logits, distance):
         if self.alibi_slope is not None:
             logits = logits - jnp.asarray(self.alibi_slope, jnp.float32) * distance
         return soft_cap(logits, self.cap)  # eq. (7b)
 
-    def _prefix(self, runway_query, own_values, positions, visible):
+    def _prefix(self, runway_query, own_values, positions, visible, keys, values):
         layout = self.layout
         distance = (positions[:, :, None] - layout.key_positions[None, None, :]).astype(jnp.float32)
-        logits = self._logits(self.scale * jnp.einsum("bid,bkd->bik", runway_query, self.key),
+        logits = self._logits(self.scale * jnp.einsum("bid,bkd->bik", runway_query, keys),
                               distance)
         probs = masked_softmax(logits, visible)  # A_ik
         diagonal_probs = jnp.sum(jnp.where(distance == 0, probs, 0.0), axis=-1)  # A_ii, [B, Bq]
         # u_i = P_i(i-1) = (A w)_i - A_ii w_i (eq. (3b)): not a renormalized strictly-causal pass.
-        runway_summary = jnp.einsum("bik,bkd->bid", probs, self.values)
+        runway_summary = jnp.einsum("bik,bkd->bid", probs, values)
         runway_summary -= diagonal_probs[..., None] * own_values
-        rho = jnp.einsum("bid,bjd->bij", runway_summary, self.key)
+        rho = jnp.einsum("bid,bjd->bij", runway_summary, keys)
         return jnp.where(visible, self.scale * rho, 0.0)
 
-    def _exact_by_running_sums(self, runway_query, own_values, positions, visible):
+    def _exact_by_running_sums(self, runway_query, own_values, positions, visible, keys, values):
         """Eq. (3b) with ``P_i(j)`` as a cumulative sum over the keys: ``[B, Bq, Tkp, d]``, cheap
         for the few rows of a decoding step."""
         layout = self.layout
         distance = positions[:, :, None] - layout.key_positions[None, None, :]  # [B, Bq, Tkp]
-        logits = self._logits(self.scale * jnp.einsum("bid,bkd->bik", runway_query, self.key),
+        logits = self._logits(self.scale * jnp.einsum("bid,bkd->bik", runway_query, keys),
                               distance.astype(jnp.float32))
         probs = masked_softmax(logits, visible)  # A_ik
         diagonal_probs = jnp.sum(jnp.where(distance == 0, probs, 0.0), axis=-1)  # A_ii
-        running = jnp.cumsum(probs[..., None] * self.values[:, None], axis=2)  # P_i(j)
+        running = jnp.cumsum(probs[..., None] * values[:, None], axis=2)  # P_i(j)
         runway_summary = running[:, :, -1] - diagonal_probs[..., None] * own_values  # u_i
-        rho = jnp.einsum("bijd,bjd->bij", runway_summary[:, :, None] - running, self.key)
+        rho = jnp.einsum("bijd,bjd->bij", runway_summary[:, :, None] - running, keys)
         return jnp.where(visible & (distance >= 2), self.scale * rho, 0.0)
 
-    def _exact(self, runway_query, own_values, positions, visible):
+    def _exact(self, runway_query, own_values, positions, visible, key_blocks, value_blocks,
+               within_block):
         """Everything in key-block layout ``[B, J, i, k]``, so that the block-batched products
-        need no transposes; one transpose back to ``[B, i, Tkp]`` at the end."""
+        need no transposes; one transpose back to ``[B, i, S]`` at the end."""
         layout = self.layout
-        batch, key_block = layout.batch, layout.key_block
+        batch, key_block, key_span = layout.batch, layout.key_block, layout.key_span
         query_block = positions.shape[1]
-        num_key_blocks = layout.padded_key_length // key_block
+        num_key_blocks = key_span // key_block
         key_positions = layout.key_positions.reshape(num_key_blocks, key_block)
         distance = positions[:, None, :, None] - key_positions[None, :, None, :]  # [B, J, i, k]
         to_blocks = lambda x: jnp.moveaxis(
             x.reshape(x.shape[0], query_block, num_key_blocks, key_block), 2, 1)
         mask = to_blocks(visible)
         logits = self._logits(
-            self.scale * jnp.einsum("bid,bJkd->bJik", runway_query, self.key_blocks),
+            self.scale * jnp.einsum("bid,bJkd->bJik", runway_query, key_blocks),
             distance.astype(jnp.float32))
         probs = masked_softmax(logits, mask, axis=(1, 3))  # A_ik
         # A_ii sits in key block p // Bk at offset p % Bk for the row's position p (a row that
         # sees nothing has probabilities 0 wherever the clipped index points).
-        own = jnp.clip(positions, 0, layout.padded_key_length - 1)
+        own = jnp.clip(positions, 0, key_span - 1)
         rows = jnp.arange(query_block)[None]
         diagonal_probs = probs[jnp.arange(batch)[:, None], own // key_block, rows, own % key_block]
-        block_sums = jnp.einsum("bJik,bJkd->bJid", probs, self.value_blocks)  # A_{i,J} W_J
+        block_sums = jnp.einsum("bJik,bJkd->bJid", probs, value_blocks)  # A_{i,J} W_J
         # u_i = P_i(i-1) = (A w)_i - A_ii w_i (eq. (3b)): not a renormalized strictly-causal pass.
         runway_summary = jnp.sum(block_sums, axis=1) - diagonal_probs[..., None] * own_values
         earlier_blocks = jnp.cumsum(block_sums, axis=1) - block_sums  # S_i(J), exclusive
         # rho_ij = <u_i - S_i(J), z_j> - (A_{i,J} triu(W_J Z_J^T))_ij, eq. (3b) by key blocks.
-        rho = jnp.einsum("bJid,bJjd->bJij", runway_summary[:, None] - earlier_blocks, self.key_blocks)
-        rho -= jnp.einsum("bJik,bJkj->bJij", probs, self.within_block)
+        rho = jnp.einsum("bJid,bJjd->bJij", runway_summary[:, None] - earlier_blocks, key_blocks)
+        rho -= jnp.einsum("bJik,bJkj->bJij", probs, within_block)
         # The runway j < k < i is empty for j >= i - 1 (eq. (2)); mask it exactly rather than
         # leave the rounding residue of the (3b) cancellation.
         rho = jnp.where(mask & (distance >= 2), self.scale * rho, 0.0)
-        return jnp.moveaxis(rho, 1, 2).reshape(batch, query_block, layout.padded_key_length)
+        return jnp.moveaxis(rho, 1, 2).reshape(batch, query_block, key_span)
 
 
 def _attend(query_rows, keys, values, layout, positions, visible, scale, alibi_slopes,
