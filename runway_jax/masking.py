@@ -95,13 +95,22 @@ def nonfinite_positions(*arrays):
     return ~finite
 
 
-def seen_by_rows(bad, segment_ids=None):
-    """``[B, T, ...]`` bool: row i can see (causal and same segment, eq. (5)) a position
-    ``j <= i`` where ``bad`` ``[B, T, ...]`` holds. ``O(T log T)``, never ``T x T``."""
+def seen_by_rows(bad, segment_ids=None, local_window_size=None):
+    """``[B, T, ...]`` bool: row i can see (causal, same segment, eq. (5), and with
+    ``local_window_size`` w inside its window, eq. (7a)) a position ``j <= i`` (``i - j <= w``)
+    where ``bad`` ``[B, T, ...]`` holds. ``O(T log T)``, never ``T x T``."""
+    window = local_window_size
     if segment_ids is None:
-        return jnp.cumsum(bad, axis=1, dtype=jnp.int32) > 0
+        count = jnp.cumsum(bad, axis=1, dtype=jnp.int32)
+        if window is None:
+            return count > 0
+        # Bad positions in i - w .. i: the running count minus the count up to i - w - 1.
+        widths = [(0, 0)] * count.ndim
+        widths[1] = (window + 1, 0)
+        return count - jnp.pad(count, widths)[:, : count.shape[1]] > 0
     # Gather each segment's positions together (a stable sort keeps them ascending), count the
-    # bad positions cumulatively, subtract the count before the segment starts, and unsort.
+    # bad positions cumulatively, subtract the count before the first position the row sees
+    # (its segment's start, or the first position of its segment inside its window), and unsort.
     order = jnp.argsort(segment_ids, axis=1, stable=True)
     expand = lambda index: index.reshape(index.shape + (1,) * (bad.ndim - 2))
     sorted_bad = jnp.take_along_axis(bad, expand(order), axis=1).astype(jnp.int32)
@@ -109,11 +118,33 @@ def seen_by_rows(bad, segment_ids=None):
     starts = jnp.concatenate([jnp.ones_like(sorted_segments[:, :1], bool),
                               sorted_segments[:, 1:] != sorted_segments[:, :-1]], axis=1)
     count = jnp.cumsum(sorted_bad, axis=1)
-    # The count before each segment's start is non-decreasing along the sorted axis, so a running
-    # maximum carries it over the whole segment.
-    before = jnp.where(expand(starts), count - sorted_bad, 0)
-    sorted_seen = count - jax.lax.cummax(before, axis=1) > 0
+    if window is None:
+        # The count before each segment's start is non-decreasing along the sorted axis, so a
+        # running maximum carries it over the whole segment.
+        before = jnp.where(expand(starts), count - sorted_bad, 0)
+        sorted_seen = count - jax.lax.cummax(before, axis=1) > 0
+    else:
+        index = jnp.broadcast_to(jnp.arange(order.shape[1], dtype=order.dtype), order.shape)
+        segment_start = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+        first = _first_at_or_after(order, segment_start, index, order - window)
+        before = jnp.take_along_axis(count - sorted_bad, expand(first), axis=1)
+        sorted_seen = count - before > 0
     return jnp.take_along_axis(sorted_seen, expand(jnp.argsort(order, axis=1)), axis=1)
+
+
+def _first_at_or_after(sorted_positions, low, high, target):
+    """Per entry, the first index in ``low .. high`` (``[B, T]``, inclusive) whose sorted position
+    is ``>= target`` (``high`` itself always is): a binary search, ``O(T log T)`` in all; the
+    positions ascend inside each such range (one segment in sorted order)."""
+
+    def halve(_, bounds):
+        low, high = bounds
+        middle = (low + high) // 2
+        below = jnp.take_along_axis(sorted_positions, middle, axis=1) < target
+        return jnp.where(below, middle + 1, low), jnp.where(below, high, middle)
+
+    steps = max(1, sorted_positions.shape[1].bit_length())
+    return jax.lax.fori_loop(0, steps, halve, (low, high))[0]
 
 
 def rows_seeing(bad, visible):
@@ -125,22 +156,30 @@ def rows_seeing(bad, visible):
 
 
 def quarantine_nonfinite(query, key, value, runway_query=None, runway_key=None, *,
-                         segment_ids=None, runway_reaches_output=True):
-    """Inputs with NaN/Inf replaced by 0, and the ``[B, T, H]`` bool of output rows that see a
+                         segment_ids=None, runway_reaches_output=True, local_window_size=None,
+                         key_value_seq_lengths=None):
+    """Inputs with NaN/Inf replaced by 0, and the ``[B, Tq, H]`` bool of output rows that see a
     non-finite input (give those to :func:`poison_rows`).
 
-    Which rows see what (eqs. (1)-(3), (5)): a query reaches only its own row and head; a key or
-    value at j every row ``i >= j`` of its segment in the heads of its key/value group; a runway
-    query or key at j (through A and g) every head of those rows, unless ``runway_reaches_output``
-    is False (``beta = 0``). ``runway_query``/``runway_key`` may be None (causal attention).
+    Which rows see what (eqs. (1)-(3), (5), (7a)): a query reaches only its own row and head; a
+    key or value at j every row whose position ``i`` sees j (``j <= i``, ``i - j <= w`` with
+    ``local_window_size`` w, same segment) in the heads of its key/value group; a runway query or
+    key at j (through A and g) every head of those rows, unless ``runway_reaches_output`` is
+    False (``beta = 0``). Query rows sit at the last ``Tq`` of the ``Tk`` key positions, or of
+    ``key_value_seq_lengths[b]`` (eq. (7)). ``runway_query``/``runway_key`` may be None (causal
+    attention).
     """
     heads, kv_heads = query.shape[2], key.shape[2]
-    bad = [nonfinite_positions(key, value)]  # [B, T, K]
+    bad = [nonfinite_positions(key, value)]  # [B, Tk, K]
     if runway_query is not None and runway_reaches_output is not False:
         # runway_reaches_output may be traced (beta != 0 for a traced beta).
         bad.append((nonfinite_positions(runway_query, runway_key)
-                    & jnp.asarray(runway_reaches_output))[..., None])  # [B, T, 1]
-    seen = seen_by_rows(jnp.concatenate(bad, axis=2), segment_ids)
+                    & jnp.asarray(runway_reaches_output))[..., None])  # [B, Tk, 1]
+    seen = seen_by_rows(jnp.concatenate(bad, axis=2), segment_ids, local_window_size)
+    query_length, key_length = query.shape[1], key.shape[1]
+    if query_length != key_length or key_value_seq_lengths is not None:
+        positions = query_positions(query_length, key_length, key_value_seq_lengths)
+        seen = at_positions(seen, positions) & (positions >= 0)[..., None]  # [B, Tq, K (+ 1)]
     poisoned = jnp.repeat(seen[..., :kv_heads], heads // kv_heads, axis=2)  # head h: kv h // G
     if seen.shape[2] > kv_heads:
         poisoned = poisoned | seen[..., kv_heads:]

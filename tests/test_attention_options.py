@@ -219,10 +219,11 @@ def test_nan_outside_the_mask_or_window_reaches_no_row(path):
 
 @pytest.mark.parametrize("implementation", ["pallas_tpu", "pallas_gpu"])
 def test_kernels_fall_back_or_say_what_they_lack(implementation):
-    """None falls back to "xla" for an option the kernels lack; naming a kernel raises one line."""
+    """None falls back to "xla" for an option the kernels lack (a dense mask; the other options
+    of (7) run on the kernels, tests/test_kernel_options.py); naming a kernel raises one line."""
     inputs = make_inputs(10)
-    for options in (dict(mask=key_padding_mask()), dict(local_window_size=3),
-                    dict(logits_soft_cap=2.0)):
+    for options in (dict(mask=key_padding_mask()), dict(mask=key_padding_mask(),
+                                                         local_window_size=3)):
         with pytest.raises(ValueError) as error:
             attention.rewired_attention(*inputs, implementation=implementation, interpret=True,
                                         **options)

@@ -93,7 +93,7 @@ def test_kernels_with_window_soft_cap_ragged_rows_and_traced_beta_compile_for_tp
 
     device = topology_devices("v5e:2x2")[0]
     b, tq, tk, h, d, window = 1, 256, 1024, 4, 128, 200
-    on_chip = SingleDeviceSharding(device)
+    on_chip = make_single_device_sharding(device)
     shape = lambda dtype, *s: jax.ShapeDtypeStruct(s, dtype, sharding=on_chip)
     args = ([shape(jnp.bfloat16, b, tq, h, d)] + [shape(jnp.bfloat16, b, tk, h, d)] * 2
             + [shape(jnp.bfloat16, b, tk, d)] * 2

@@ -109,7 +109,7 @@ def test_reference_twin_backward_matches_autodiff_of_direct_evaluation(coefficie
     cotangent = common.from_kernel_layout(out_grad, length)
     _, vjp = jax.vjp(lambda *a: direct(*a, beta=0.8, runway_coefficient=coefficient,
                                        runway_span=span, segment_ids=segments)[0], *inputs)
-    got = [common.from_kernel_layout(g, length) for g in grads[:3]] + [g[:, :length] for g in grads[3:]]
+    got = [common.from_kernel_layout(g, length) for g in grads[:3]] + [g[:, :length] for g in grads[3:5]]
     for name, g, w in zip(NAMES, got, vjp(cotangent)):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=0, err_msg=f"d{name}")
 
@@ -252,6 +252,35 @@ def test_lowers_for_its_platform_forward_and_backward(target, span):
         assert ("tpu_custom_call" if target == "pallas_tpu" else "xla.gpu.triton") in text
         if fn is loss_gradients:
             assert "rewired_attention_backward_keys" in text
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_lowers_with_the_options_of_method_7(target):
+    """``jax.export`` for ``[tpu]`` / ``[cuda]`` with a window, a soft cap, 64 queries over 512
+    keys with per-row lengths and a traced beta, forward and backward (B=2 H=4 d=64 bfloat16)."""
+    shape = jax.ShapeDtypeStruct
+    b, tq, tk, h, d = 2, 64, 512, 4, 64
+    args = ([shape((b, tq, h, d), jnp.bfloat16)] + [shape((b, tk, h, d), jnp.bfloat16)] * 2
+            + [shape((b, tk, d), jnp.bfloat16)] * 2 + [shape((), jnp.float32),
+                                                      shape((b,), jnp.int32)])
+
+    def loss_gradients(q, k, v, rq, rk, beta, lengths):
+        def loss(*a):
+            out = kernels.rewired_attention(
+                *a, target=target, beta=beta, runway_coefficient="dot", runway_span="prefix",
+                segment_ids=None, scale=None, local_window_size=100, logits_soft_cap=20.0,
+                key_value_seq_lengths=lengths)
+            return out.astype(jnp.float32).sum()
+        return jax.value_and_grad(loss, argnums=range(5))(q, k, v, rq, rk)
+
+    checks = ([jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+              if target == "pallas_gpu" else [])
+    with lowering_without_device(target):
+        exported = jax.export.export(jax.jit(loss_gradients), platforms=[EXPORT_PLATFORMS[target]],
+                                     disabled_checks=checks)(*args)
+    text = exported.mlir_module()
+    call = "tpu_custom_call" if target == "pallas_tpu" else "xla.gpu.triton"
+    assert text.count(call) >= 4 and "rewired_attention_backward_keys" in text
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -10,18 +10,27 @@
 public ``[B, T, H, d]`` layout; :func:`runway_jax.attention.rewired_attention` calls it after its
 argument checks and implementation selection.
 
-Not supported (the selection falls back to ``"xla"`` or raises): the ALiBi options, which are a
-project extension outside METHOD (adding ``-m (i - j)`` per tile would be cheap, but nothing needs
-it on accelerators yet), a traced ``scale`` (it is baked into the kernels), and on GPU a head width
-that is not a power of two (Triton tiles).
+The options of METHOD (7) the kernels take: ``local_window_size`` (key blocks outside every row's
+window are skipped by the grids and loops, not masked), ``logits_soft_cap`` (one tanh per logit
+tile; the backward multiplies by ``1 - tanh^2``), fewer queries than keys (bottom-right aligned)
+and per-row ``key_value_seq_lengths`` (a per-row offset: scalar prefetch on TPU, a row-position
+array on GPU), integer segment ids, and a traced ``beta`` (a runtime scalar; the custom_vjp
+returns its cotangent ``-sum rho sum_h dS~^h``).
+
+Not supported (the selection falls back to ``"xla"`` or raises): a dense ``mask`` (a
+``[B, Tq, Tk]`` operand per tile; nothing on accelerators needs it yet), the ALiBi options, which
+are a project extension outside METHOD (adding ``-m (i - j)`` per tile would be cheap, but nothing
+needs it on accelerators yet), a traced ``scale`` (it is baked into the kernels), and on GPU a
+head width that is not a power of two (Triton tiles).
 
 Backward pass: the Pallas backward kernels of METHOD (3d) of each target
 (:func:`runway_jax.kernels.tpu.backward`, :func:`runway_jax.kernels.gpu.backward`). Residuals are
-the padded kernel-layout inputs, the output, the heads' and the runway head's log-sum-exp and
-``u`` (``O(T (H + 1) d)``, nothing ``T x T``).
+the padded kernel-layout inputs, the output, the heads' and the runway head's log-sum-exp, ``u``
+and ``beta`` (``O(T (H + 1) d)``, nothing ``T x T``).
 
 Inputs with NaN or Inf are replaced by zeros before the kernels run and the output rows that can
-see one are set to NaN afterwards (:func:`runway_jax.masking.quarantine_nonfinite`): inside a
+see one (by the same visibility: causal, window, segment, length) are set to NaN afterwards
+(:func:`runway_jax.masking.quarantine_nonfinite`): inside a
 tile product a masked zero meets the masked value, and 0 * NaN would reach rows that cannot see
 it, in the forward pass and in the backward pass.
 
@@ -69,52 +78,76 @@ def default_block_sizes(target: str) -> BlockSizes:
     return BlockSizes.tpu_default() if target == "pallas_tpu" else BlockSizes.gpu_default()
 
 
-def forward(query, key, value, runway_query, runway_key, segment_ids, *, target, plan, beta,
-            coefficient, span, scale, block_sizes, interpret):
-    """Run one target's forward kernels on kernel-layout arrays: ``(out, lse, runway_lse, u)``."""
+def forward(*arrays, target, plan, beta, coefficient, span, scale, block_sizes, interpret,
+            cap=None, runway=None):
+    """Run one target's forward kernels on :class:`runway_jax.kernels.common.KernelInputs`:
+    ``(out, lse, runway_lse, u)``."""
     options = dict(plan=plan, beta=beta, coefficient=coefficient, span=span, scale=scale,
-                   interpret=interpret)
+                   cap=cap, runway=runway, interpret=interpret)
     if target == "pallas_tpu":
-        return tpu.forward(query, key, value, runway_query, runway_key, segment_ids, **options)
-    return gpu.forward(query, key, value, runway_query, runway_key, segment_ids,
-                       block_sizes=block_sizes, **options)
+        return tpu.forward(*arrays, **options)
+    return gpu.forward(*arrays, block_sizes=block_sizes, **options)
 
 
 def rewired_attention(query, key, value, runway_query, runway_key, *, target, beta,
-                      runway_coefficient, runway_span, segment_ids, scale, block_sizes=None,
+                      runway_coefficient, runway_span, segment_ids, scale, local_window_size=None,
+                      logits_soft_cap=None, key_value_seq_lengths=None, block_sizes=None,
                       interpret=False):
-    """METHOD eq. (3) by the fused kernels of ``target``; shapes as the public function.
+    """METHOD eq. (3) with the options of (7) by the fused kernels of ``target``; shapes as the
+    public function (``query`` ``[B, Tq, H, d]``, the last ``Tq <= Tk`` positions).
 
-    ``beta == 0`` skips the runway head entirely (standard causal attention, invariant 1), which
-    is also how :func:`causal_attention` runs on the kernels.
+    ``beta`` may be a Python number or a traced scalar (differentiable: ``d s~ / d beta = -rho``).
+    ``beta`` the Python number 0 skips the runway head entirely (standard causal attention,
+    invariant 1), which is also how :func:`causal_attention` runs on the kernels.
     """
+    name = "rewired_attention"
     if target not in TARGETS:
-        raise ValueError(f"rewired_attention: target={target!r} is not one of {TARGETS}.")
+        raise ValueError(f"{name}: target={target!r} is not one of {TARGETS}.")
     block_sizes = block_sizes or default_block_sizes(target)
     if not isinstance(block_sizes, BlockSizes):
-        raise ValueError(f"rewired_attention: block_sizes={block_sizes!r} must be a BlockSizes.")
+        raise ValueError(f"{name}: block_sizes={block_sizes!r} must be a BlockSizes.")
+    if local_window_size is not None and (isinstance(local_window_size, bool) or not isinstance(
+            local_window_size, int) or local_window_size < 0):
+        raise ValueError(f"{name}: local_window_size={local_window_size!r} must be an int >= 0 "
+                         "or None.")
+    if logits_soft_cap is not None and not (isinstance(logits_soft_cap, (int, float))
+                                            and logits_soft_cap > 0):
+        raise ValueError(f"{name}: logits_soft_cap={logits_soft_cap!r} must be a Python number "
+                         "> 0 or None.")
+    if jnp.shape(beta) != ():
+        raise ValueError(f"{name}: beta must be a scalar, got shape {jnp.shape(beta)}.")
     width = query.shape[-1]
-    options = _Options(target=target, beta=float(beta), coefficient=runway_coefficient,
+    runway = common.runs_runway_head(beta)
+    options = _Options(target=target, runway=runway, coefficient=runway_coefficient,
                        span=runway_span, scale=common.scale_as_float(scale, width),
+                       window=local_window_size,
+                       cap=None if logits_soft_cap is None else float(logits_soft_cap),
                        block_sizes=block_sizes, interpret=bool(interpret) or interpret_forced())
     if segment_ids is None:
-        segment_ids = jnp.zeros(query.shape[:2], jnp.int32)
+        segment_ids = jnp.zeros(key.shape[:2], jnp.int32)
     # The tiles' products would carry a NaN past the masks (0 * NaN): quarantine them here, out
     # of the custom_vjp, so the kernels and their backward see finite inputs only.
-    inputs, poisoned = quarantine_nonfinite(query, key, value, runway_query, runway_key,
-                                            segment_ids=segment_ids,
-                                            runway_reaches_output=options.beta != 0)
-    return poison_rows(_fused(options, *inputs, segment_ids), poisoned)
+    inputs, poisoned = quarantine_nonfinite(
+        query, key, value, runway_query, runway_key, segment_ids=segment_ids,
+        runway_reaches_output=jnp.asarray(beta) != 0 if runway else False,
+        local_window_size=local_window_size, key_value_seq_lengths=key_value_seq_lengths)
+    beta = jnp.asarray(beta, jnp.float32)  # a runtime scalar of the kernels (SMEM on TPU)
+    return poison_rows(_fused(options, *inputs, beta, segment_ids, key_value_seq_lengths),
+                       poisoned)
 
 
-def causal_attention(query, key, value, *, target, segment_ids, scale, block_sizes=None,
+def causal_attention(query, key, value, *, target, segment_ids, scale, local_window_size=None,
+                     logits_soft_cap=None, key_value_seq_lengths=None, block_sizes=None,
                      interpret=False):
     """Standard causal attention on the same kernels (``beta = 0``: no runway work at all)."""
-    runway = jnp.zeros(query.shape[:2] + query.shape[3:], query.dtype)
+    runway = jnp.zeros(key.shape[:2] + key.shape[3:], query.dtype)
     return rewired_attention(query, key, value, runway, runway, target=target, beta=0.0,
                              runway_coefficient="bilinear", runway_span="prefix",
-                             segment_ids=segment_ids, scale=scale, block_sizes=block_sizes,
-                             interpret=interpret)
+                             segment_ids=segment_ids, scale=scale,
+                             local_window_size=local_window_size,
+                             logits_soft_cap=logits_soft_cap,
+                             key_value_seq_lengths=key_value_seq_lengths,
+                             block_sizes=block_sizes, interpret=interpret)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,61 +155,77 @@ class _Options:
     """The static options of one call (hashable: the ``nondiff_argnums`` of the custom_vjp)."""
 
     target: str
-    beta: float
+    runway: bool
     coefficient: str
     span: str
     scale: float
+    window: int | None
+    cap: float | None
     block_sizes: BlockSizes
     interpret: bool
 
+    def plan(self, query, key, key_value_seq_lengths):
+        return common.plan(query.shape[1], self.block_sizes, key_length=key.shape[1],
+                           window=self.window, ragged=key_value_seq_lengths is not None)
 
-def _run_forward(options, query, key, value, runway_query, runway_key, segment_ids):
-    """Forward kernels on the public layout: ``(out [B, T, H, d], residuals in kernel layout)``."""
-    length = query.shape[1]
-    plan = common.plan(length, options.block_sizes)
+    def kernel_options(self, plan):
+        return dict(plan=plan, coefficient=self.coefficient, span=self.span, scale=self.scale,
+                    cap=self.cap, runway=self.runway, interpret=self.interpret)
+
+
+def _run_forward(options, query, key, value, runway_query, runway_key, beta, segment_ids,
+                 key_value_seq_lengths):
+    """Forward kernels on the public layout: ``(out [B, Tq, H, d], residuals in kernel
+    layout)``."""
+    plan = options.plan(query, key, key_value_seq_lengths)
     arrays = common.to_kernel_layout(query, key, value, runway_query, runway_key, segment_ids,
-                                     plan)
+                                     plan, key_value_seq_lengths)
     out, lse, runway_lse, summary = forward(
-        *arrays, target=options.target, plan=plan, beta=options.beta,
-        coefficient=options.coefficient, span=options.span, scale=options.scale,
-        block_sizes=options.block_sizes, interpret=options.interpret)
-    return common.from_kernel_layout(out, length), (*arrays, out, lse, runway_lse, summary)
+        *arrays, target=options.target, beta=beta, block_sizes=options.block_sizes,
+        **options.kernel_options(plan))
+    return (common.from_kernel_layout(out, query.shape[1]),
+            (*arrays, out, lse, runway_lse, summary, beta))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(options, query, key, value, runway_query, runway_key, segment_ids):
-    return _run_forward(options, query, key, value, runway_query, runway_key, segment_ids)[0]
+def _fused(options, query, key, value, runway_query, runway_key, beta, segment_ids,
+           key_value_seq_lengths):
+    return _run_forward(options, query, key, value, runway_query, runway_key, beta, segment_ids,
+                        key_value_seq_lengths)[0]
 
 
-def _fused_forward(options, query, key, value, runway_query, runway_key, segment_ids):
+def _fused_forward(options, query, key, value, runway_query, runway_key, beta, segment_ids,
+                   key_value_seq_lengths):
     out, kernel_residuals = _run_forward(options, query, key, value, runway_query, runway_key,
-                                         segment_ids)
-    return out, (kernel_residuals, _dtypes(query, runway_query))
-
-
-def _dtypes(query, runway_query):
-    return jax.ShapeDtypeStruct(query.shape, query.dtype), jax.ShapeDtypeStruct(
-        runway_query.shape, runway_query.dtype)
+                                         beta, segment_ids, key_value_seq_lengths)
+    shapes = (jax.ShapeDtypeStruct(query.shape, query.dtype),
+              jax.ShapeDtypeStruct(key.shape, key.dtype),
+              jax.ShapeDtypeStruct(runway_query.shape, runway_query.dtype))
+    # The lengths ride along (None or an array) so that the backward plan knows them.
+    return out, (kernel_residuals, shapes, key_value_seq_lengths)
 
 
 def _fused_backward(options, residuals, cotangent):
-    """The backward kernels of METHOD (3d) of the target (``tpu.backward`` / ``gpu.backward``)."""
-    kernel_residuals, (query, runway_query) = residuals
-    length = query.shape[1]
-    plan = common.plan(length, options.block_sizes)
-    out_grad = jnp.swapaxes(common.pad_length(cotangent, plan.padded_length), 1, 2)
-    backward_options = dict(plan=plan, beta=options.beta, coefficient=options.coefficient,
-                            span=options.span, scale=options.scale, interpret=options.interpret)
+    """The backward kernels of METHOD (3d) of the target (``tpu.backward`` / ``gpu.backward``);
+    cotangents for the five arrays and ``beta``."""
+    kernel_residuals, (query, key, runway_query), key_value_seq_lengths = residuals
+    *kernel_residuals, beta = kernel_residuals
+    plan = options.plan(query, key, key_value_seq_lengths)
+    out_grad = jnp.swapaxes(common.pad_length(cotangent, plan.padded_query_length), 1, 2)
+    backward_options = dict(options.kernel_options(plan), beta=beta)
     if options.target == "pallas_tpu":
         grads = tpu.backward(*kernel_residuals, out_grad, **backward_options)
     else:
         grads = gpu.backward(*kernel_residuals, out_grad, block_sizes=options.block_sizes,
                              **backward_options)
-    dq, dk, dv, d_runway_query, d_runway_key = grads
-    heads_layout = lambda g: common.from_kernel_layout(g, length).astype(query.dtype)
-    runway_layout = lambda g: g[:, :length].astype(runway_query.dtype)
-    return (heads_layout(dq), heads_layout(dk), heads_layout(dv), runway_layout(d_runway_query),
-            runway_layout(d_runway_key), None)
+    dq, dk, dv, d_runway_query, d_runway_key, d_beta = grads
+    query_length, key_length = query.shape[1], key.shape[1]
+    runway_layout = lambda g: g[:, :key_length].astype(runway_query.dtype)
+    return (common.from_kernel_layout(dq, query_length).astype(query.dtype),
+            common.from_kernel_layout(dk, key_length).astype(key.dtype),
+            common.from_kernel_layout(dv, key_length).astype(key.dtype),
+            runway_layout(d_runway_query), runway_layout(d_runway_key),
+            d_beta.astype(jnp.float32), None, None)
 
 
 _fused.defvjp(_fused_forward, _fused_backward)

@@ -49,28 +49,45 @@ def partition(mesh, batch, heads, kv_heads, batch_axes=BATCH_AXES, head_axes=HEA
     return as_spec(batch_spec), as_spec(head_spec)
 
 
-def call_sharded(fn, query, key, value, runway_query, runway_key, segment_ids):
-    """``fn(query, key, value, runway_query, runway_key, segment_ids)`` per device slice.
+def call_sharded(fn, query, key, value, runway_query, runway_key, segment_ids, *,
+                 key_value_seq_lengths=None, beta=None):
+    """``fn(query, key, value, runway_query, runway_key, segment_ids, key_value_seq_lengths,
+    beta)`` per device slice.
 
     ``fn`` must treat batch rows and key/value head groups independently (attention does).
+    ``key_value_seq_lengths`` (``[B]`` or None) is split with the batch; ``beta`` (a Python number,
+    or a traced scalar that every device gets whole) is passed through.
     """
     mesh = context_mesh()
     if mesh is None:
-        return fn(query, key, value, runway_query, runway_key, segment_ids)
+        return fn(query, key, value, runway_query, runway_key, segment_ids, key_value_seq_lengths,
+                  beta)
     batch_spec, head_spec = partition(mesh, query.shape[0], query.shape[2], key.shape[2])
     if batch_spec is None and head_spec is None:
-        return fn(query, key, value, runway_query, runway_key, segment_ids)
+        return fn(query, key, value, runway_query, runway_key, segment_ids, key_value_seq_lengths,
+                  beta)
     heads_spec = P(batch_spec, None, head_spec, None)  # [B, T, H or K, d]
     runway_spec = P(batch_spec, None, None)  # [B, T, d]
+    # Optional operands travel as arguments only when they are arrays (a Python beta stays a
+    # constant of fn, so that beta = 0 still skips the runway head).
+    extras, extra_specs = {}, {}
+    if key_value_seq_lengths is not None:
+        extras["lengths"], extra_specs["lengths"] = key_value_seq_lengths, P(batch_spec)
+    if beta is not None and not isinstance(beta, (int, float)):
+        extras["beta"], extra_specs["beta"] = beta, P()
+
+    def per_device(q, k, v, rq, rk, s, extra):
+        return fn(q, k, v, rq, rk, s, extra.get("lengths"), extra.get("beta", beta))
+
     sharded = jax.shard_map(
-        fn, mesh=mesh,
+        per_device, mesh=mesh,
         in_specs=(heads_spec, heads_spec, heads_spec, runway_spec, runway_spec,
-                  P(batch_spec, None)),
+                  P(batch_spec, None), extra_specs),
         out_specs=heads_spec,
         # Inputs are replicated over the unused mesh axes, so every replica computes the same
         # output; the kernels are opaque to the replication checker.
         check_vma=False)
-    return sharded(query, key, value, runway_query, runway_key, segment_ids)
+    return sharded(query, key, value, runway_query, runway_key, segment_ids, extras)
 
 
 def devices_used(mesh, batch, heads, kv_heads) -> int:
