@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "AttentionConfig": "runway_jax.attention_config",
+    "AttentionOptions": "runway_jax.attention_config",
     "ModelConfig": "runway_jax.config",
     "RewiredMultiHeadAttention": "runway_jax.attention_layer",
     "TransformerLM": "runway_jax.model",

@@ -13,6 +13,11 @@ Public functions:
 * :func:`runway_coefficients` -- eq. (2): the runway coefficients ``rho`` as a ``[B, T, T]`` array.
 * :func:`causal_attention` -- standard causal attention from the same code (the baseline).
 
+With ``return_probabilities=True``, :func:`rewired_attention` and :func:`causal_attention` also
+return the softmax weights (:class:`AttentionProbabilities`: ``A~^h``, ``A`` and ``rho``) from the
+same computation as the output, by the ``"reference"`` implementation; the analysis tools
+(:mod:`runway_jax.evaluation.runway_analysis`) take their maps from there.
+
 They take the keywords of ``jax.nn.dot_product_attention`` where the concepts match, defined in
 METHOD (7): ``mask`` (bool, broadcastable to ``[B, Tq, Tk]``), ``local_window_size``,
 ``logits_soft_cap``, ``key_value_seq_lengths``, integer or boolean ``segment_ids``, a traced
@@ -28,8 +33,9 @@ alignment, for decoding and chunked prefill).
   pass recomputes each chunk instead of storing it.
 * ``"pallas_tpu"`` / ``"pallas_gpu"``: the fused flash-style kernels of :mod:`runway_jax.kernels`
   (METHOD (3c)); they never hold a ``T x T`` array. They run on their accelerator, or anywhere with
-  ``interpret=True``. They do not support the ALiBi options, a traced ``scale`` or ``beta``, or
-  the options of METHOD (7) other than ``segment_ids`` (yet). Inside a
+  ``interpret=True``. They take every option of METHOD (7) except a dense ``mask`` (window, soft
+  cap, fewer queries than keys, ``key_value_seq_lengths``, segment ids, a traced ``beta``), but
+  not the ALiBi options or a traced ``scale``. Inside a
   ``jax.set_mesh`` context they run under ``shard_map`` (batch and heads split over the mesh).
 * ``None``: the best implementation that can run this call: ``"pallas_tpu"`` on TPU,
   ``"pallas_gpu"`` on GPU, ``"xla"`` otherwise (and ``"xla"`` whenever the kernel cannot take the
@@ -50,7 +56,7 @@ import contextlib
 import contextvars
 import functools
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +70,15 @@ from runway_jax.masking import attention_mask  # noqa: F401  (part of this modul
 
 from runway_jax.attention_config import IMPLEMENTATIONS, RUNWAY_COEFFICIENTS, RUNWAY_SPANS
 
+
+class AttentionProbabilities(NamedTuple):
+    """The softmax weights behind one :func:`rewired_attention` call, float32, from the same
+    computation as its output (``return_probabilities=True``). Rows that see nothing are zero;
+    rows whose output is NaN (they see a non-finite input) are NaN."""
+
+    heads: jax.Array  # [B, H, Tq, Tk]: A~^h, softmax of s - beta * rho, eqs. (3), (7c)
+    runway: Optional[jax.Array]  # [B, Tq, Tk]: A, the runway head's attention, eqs. (1), (7b)
+    runway_coefficients: Optional[jax.Array]  # [B, Tq, Tk]: rho, eq. (2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,6 +106,7 @@ def rewired_attention(
     interpret=False,
     alibi_slopes=None,
     runway_alibi_slope=None,
+    return_probabilities=False,
 ):
     """Runway-aware rewired causal attention, METHOD eqs. (1)-(3) with the options of (7).
 
@@ -123,9 +139,14 @@ def rewired_attention(
         logits. Not part of METHOD; it lets ALiBi models use rewiring.
       runway_alibi_slope: optional ALiBi slope of the runway head's own attention A. The kernel g
         stays the bilinear (or dot) form of eq. (2) without position bias.
+      return_probabilities: also return the :class:`AttentionProbabilities` (``A~^h``, ``A``,
+        ``rho``) from the same computation as the output, every option honoured. Only the
+        ``"reference"`` implementation forms these ``T x T`` arrays: ``implementation=None`` then
+        runs it, any other named implementation is a ``ValueError``.
 
     Returns:
-      ``[B, Tq, H, d]`` in the dtype of ``query``.
+      ``[B, Tq, H, d]`` in the dtype of ``query``; with ``return_probabilities=True`` the pair
+      ``(output, AttentionProbabilities)``.
     """
     name = "rewired_attention"
     _check_qkv(name, query, key, value)
@@ -139,6 +160,8 @@ def rewired_attention(
                              key_value_seq_lengths=key_value_seq_lengths)
     scale = _check_scale(name, scale, query.shape[-1])
     _check_alibi(name, alibi_slopes, runway_alibi_slope, query.shape[2])
+    if return_probabilities:
+        implementation = _implementation_with_probabilities(name, implementation)
     implementation = _resolve_implementation(
         name, implementation, interpret=interpret, width=query.shape[-1], scale=scale,
         uses_alibi=alibi_slopes is not None or runway_alibi_slope is not None,
@@ -146,12 +169,15 @@ def rewired_attention(
     segment_ids = options["segment_ids"]
     if implementation in kernels.TARGETS:
         fused = functools.partial(
-            kernels.rewired_attention, target=implementation, beta=beta,
+            kernels.rewired_attention, target=implementation,
             runway_coefficient=runway_coefficient, runway_span=runway_span, scale=scale,
-            interpret=interpret)
+            local_window_size=options["local_window_size"],
+            logits_soft_cap=options["logits_soft_cap"], interpret=interpret)
         return kernel_sharding.call_sharded(
-            lambda q, k, v, rq, rk, s: fused(q, k, v, rq, rk, segment_ids=s),
-            query, key, value, runway_query, runway_key, _segments_or_zeros(segment_ids, query))
+            lambda q, k, v, rq, rk, s, lengths, b: fused(
+                q, k, v, rq, rk, segment_ids=s, key_value_seq_lengths=lengths, beta=b),
+            query, key, value, runway_query, runway_key, _segments_or_zeros(segment_ids, key),
+            key_value_seq_lengths=options["key_value_seq_lengths"], beta=beta)
     options.update(
         beta=beta,
         runway_coefficient=runway_coefficient,
@@ -161,7 +187,8 @@ def rewired_attention(
         runway_alibi_slope=runway_alibi_slope,
     )
     if implementation == "reference":
-        return _reference_rewired_attention(query, key, value, runway_query, runway_key, **options)
+        return _reference_rewired_attention(query, key, value, runway_query, runway_key,
+                                            return_probabilities=return_probabilities, **options)
     return blockwise.rewired_attention(query, key, value, runway_query, runway_key, **options)
 
 
@@ -222,12 +249,15 @@ def causal_attention(
     implementation=None,
     alibi_slopes=None,
     interpret=False,
+    return_probabilities=False,
 ):
     """Standard causal (grouped-query) attention from the same code: the baseline.
 
     Shapes, the options of METHOD (7) and ``implementation`` as in :func:`rewired_attention`; the
     Pallas implementations run the fused kernel with ``beta = 0``, which skips the runway head.
-    Returns ``[B, Tq, H, d]`` in the dtype of ``query``.
+    Returns ``[B, Tq, H, d]`` in the dtype of ``query``; with ``return_probabilities=True`` (the
+    ``"reference"`` implementation, as in :func:`rewired_attention`) the pair ``(output,
+    probabilities [B, H, Tq, Tk])``, the float32 softmax weights that made the output.
     """
     name = "causal_attention"
     _check_qkv(name, query, key, value)
@@ -237,6 +267,8 @@ def causal_attention(
                              key_value_seq_lengths=key_value_seq_lengths)
     scale = _check_scale(name, scale, query.shape[-1])
     _check_alibi(name, alibi_slopes, None, query.shape[2])
+    if return_probabilities:
+        implementation = _implementation_with_probabilities(name, implementation)
     implementation = _resolve_implementation(
         name, implementation, interpret=interpret, width=query.shape[-1], scale=scale,
         uses_alibi=alibi_slopes is not None, beta=0.0, lengths=(query.shape[1], key.shape[1]),
@@ -244,14 +276,18 @@ def causal_attention(
     segment_ids = options["segment_ids"]
     if implementation in kernels.TARGETS:
         fused = functools.partial(kernels.causal_attention, target=implementation, scale=scale,
-                                  interpret=interpret)
-        runway = jnp.zeros(query.shape[:2] + query.shape[3:], query.dtype)  # unused placeholder
+                                  local_window_size=options["local_window_size"],
+                                  logits_soft_cap=options["logits_soft_cap"], interpret=interpret)
+        runway = jnp.zeros(key.shape[:2] + key.shape[3:], query.dtype)  # unused placeholder
         return kernel_sharding.call_sharded(
-            lambda q, k, v, rq, rk, s: fused(q, k, v, segment_ids=s),
-            query, key, value, runway, runway, _segments_or_zeros(segment_ids, query))
+            lambda q, k, v, rq, rk, s, lengths, _: fused(q, k, v, segment_ids=s,
+                                                         key_value_seq_lengths=lengths),
+            query, key, value, runway, runway, _segments_or_zeros(segment_ids, key),
+            key_value_seq_lengths=options["key_value_seq_lengths"])
     options.update(scale=scale, alibi_slopes=alibi_slopes)
     if implementation == "reference":
-        return _reference_causal_attention(query, key, value, **options)
+        return _reference_causal_attention(query, key, value,
+                                           return_probabilities=return_probabilities, **options)
     return blockwise.causal_attention(query, key, value, **options)
 
 
@@ -312,7 +348,8 @@ def _distance(positions, key_length):
 def _reference_runway_coefficients(runway_query, runway_key, positions, visible, *,
                                    runway_coefficient, runway_span, scale, runway_alibi_slope,
                                    logits_soft_cap):
-    """METHOD eq. (2) as a product of two triangular matrices, rows at ``positions``.
+    """``(rho, A)``: METHOD eq. (2) as a product of two triangular matrices, rows at
+    ``positions``, and the runway head's attention A of eq. (1) it is made from.
 
     ``rho_ij = sum_k A_ik [k < i] * g(k, j) [k > j]`` (exact) or ``sum_k A_ik [k < i] g(k, j)``
     (prefix): the runway ``j < k < i`` is the intersection of the two triangles.
@@ -336,11 +373,11 @@ def _reference_runway_coefficients(runway_query, runway_key, positions, visible,
     else:
         rho = probs_on_runway @ kernel
         valid = visible
-    return jnp.where(valid, rho, 0.0)
+    return jnp.where(valid, rho, 0.0), runway_probs
 
 
 @functools.partial(jax.jit, static_argnames=("runway_coefficient", "runway_span",
-                                             "local_window_size"))
+                                             "local_window_size", "return_probabilities"))
 def _reference_rewired_attention(
     query,
     key,
@@ -359,6 +396,7 @@ def _reference_rewired_attention(
     scale,
     alibi_slopes,
     runway_alibi_slope,
+    return_probabilities=False,
 ):
     positions, visible = _reference_visibility(
         query, key, mask=mask, segment_ids=segment_ids, local_window_size=local_window_size,
@@ -368,27 +406,49 @@ def _reference_rewired_attention(
     poisoned = _reference_poisoned(query, key, value, visible, bad_runway)
     poisoned |= (at_positions(nonfinite_positions(runway_query)[..., None], positions)
                  & runway_reaches_output)
-    rho = _reference_runway_coefficients(
+    rho, runway_probs = _reference_runway_coefficients(
         finite_or_zero(runway_query), finite_or_zero(runway_key), positions, visible,
         runway_coefficient=runway_coefficient, runway_span=runway_span, scale=scale,
         runway_alibi_slope=runway_alibi_slope, logits_soft_cap=logits_soft_cap)
-    out = _reference_attend(finite_or_zero(query), finite_or_zero(key), finite_or_zero(value),
-                            positions, visible, scale=scale, alibi_slopes=alibi_slopes,
-                            logits_soft_cap=logits_soft_cap, bias=-beta * rho)
-    return poison_rows(out, poisoned)
+    out, probs = _reference_attend(finite_or_zero(query), finite_or_zero(key),
+                                   finite_or_zero(value), positions, visible, scale=scale,
+                                   alibi_slopes=alibi_slopes, logits_soft_cap=logits_soft_cap,
+                                   bias=-beta * rho)
+    out = poison_rows(out, poisoned)
+    if not return_probabilities:
+        return out
+    # A and rho were computed on zeroed non-finite inputs: NaN the rows that see one (through the
+    # runway head, whatever beta), as the heads' rows are NaN exactly where their outputs are.
+    runway_poisoned = (rows_seeing(nonfinite_positions(runway_query, runway_key)[..., None],
+                                   visible)
+                       | at_positions(nonfinite_positions(runway_query)[..., None], positions))
+    return out, AttentionProbabilities(
+        heads=_poison_probability_rows(probs, jnp.moveaxis(poisoned, 2, 1)),
+        runway=_poison_probability_rows(runway_probs, runway_poisoned[..., 0]),
+        runway_coefficients=_poison_probability_rows(rho, runway_poisoned[..., 0]))
 
 
-@functools.partial(jax.jit, static_argnames=("local_window_size",))
+@functools.partial(jax.jit, static_argnames=("local_window_size", "return_probabilities"))
 def _reference_causal_attention(query, key, value, *, mask, segment_ids, local_window_size,
-                                logits_soft_cap, key_value_seq_lengths, scale, alibi_slopes):
+                                logits_soft_cap, key_value_seq_lengths, scale, alibi_slopes,
+                                return_probabilities=False):
     positions, visible = _reference_visibility(
         query, key, mask=mask, segment_ids=segment_ids, local_window_size=local_window_size,
         key_value_seq_lengths=key_value_seq_lengths)
     poisoned = _reference_poisoned(query, key, value, visible, None)
-    out = _reference_attend(finite_or_zero(query), finite_or_zero(key), finite_or_zero(value),
-                            positions, visible, scale=scale, alibi_slopes=alibi_slopes,
-                            logits_soft_cap=logits_soft_cap, bias=None)
-    return poison_rows(out, poisoned)
+    out, probs = _reference_attend(finite_or_zero(query), finite_or_zero(key),
+                                   finite_or_zero(value), positions, visible, scale=scale,
+                                   alibi_slopes=alibi_slopes, logits_soft_cap=logits_soft_cap,
+                                   bias=None)
+    out = poison_rows(out, poisoned)
+    if not return_probabilities:
+        return out
+    return out, _poison_probability_rows(probs, jnp.moveaxis(poisoned, 2, 1))
+
+
+def _poison_probability_rows(probs, poisoned):
+    """``probs`` ``[..., Tq, Tk]`` with the rows ``poisoned`` ``[..., Tq]`` set to NaN."""
+    return jnp.where(poisoned[..., None], jnp.nan, probs)
 
 
 def _reference_poisoned(query, key, value, visible, bad_runway):
@@ -404,8 +464,9 @@ def _reference_poisoned(query, key, value, visible, bad_runway):
 
 def _reference_attend(query, key, value, positions, visible, *, scale, alibi_slopes,
                       logits_soft_cap, bias):
-    """Softmax attention restricted to ``visible`` with an optional ``[B, Tq, Tk]`` logit bias
-    shared by all heads, soft-capped after every bias (eq. (7c))."""
+    """``(output, probabilities [B, H, Tq, Tk])``: softmax attention restricted to ``visible``
+    with an optional ``[B, Tq, Tk]`` logit bias shared by all heads, soft-capped after every bias
+    (eq. (7c))."""
     groups = query.shape[2] // key.shape[2]
     key = jnp.repeat(key.astype(jnp.float32), groups, axis=2)  # query head h uses kv head h // G
     value = jnp.repeat(value.astype(jnp.float32), groups, axis=2)
@@ -416,7 +477,7 @@ def _reference_attend(query, key, value, positions, visible, *, scale, alibi_slo
         distance = _distance(positions, key.shape[1])
         logits = logits - jnp.asarray(alibi_slopes, jnp.float32)[None, :, None, None] * distance[:, None]
     probs = masked_softmax(soft_cap(logits, logits_soft_cap), visible[:, None])
-    return jnp.einsum("bhij,bjhd->bihd", probs, value).astype(query.dtype)
+    return jnp.einsum("bhij,bjhd->bihd", probs, value).astype(query.dtype), probs
 
 
 # --------------------------------------------------------------------------------------------
@@ -574,6 +635,16 @@ def _check_options(name, query_batch_and_length, key_length, *, mask, segment_id
                 logits_soft_cap=logits_soft_cap, key_value_seq_lengths=key_value_seq_lengths)
 
 
+def _implementation_with_probabilities(name, implementation):
+    """``"reference"``, the one implementation that forms the probabilities (``T x T``), for
+    ``implementation`` None or ``"reference"``; a one-line ValueError for any other."""
+    if implementation is None or implementation == "reference":
+        return "reference"
+    raise ValueError(f"{name}: return_probabilities=True is computed by implementation='reference' "
+                     f"only (T x T arrays); pass implementation=None or 'reference', not "
+                     f"{implementation!r}.")
+
+
 def _check_scale(name, scale, width):
     if scale is None:
         return 1.0 / math.sqrt(width)
@@ -617,13 +688,10 @@ def _resolve_implementation(name, implementation, *, interpret=False, width=None
         _check_choice(name, "implementation", implementation, IMPLEMENTATIONS)
         candidates, explicit = (implementation,), True
     unsupported = [option for option, used in (
+        # The kernels take every other option of METHOD (7): local_window_size,
+        # logits_soft_cap, key_value_seq_lengths, fewer queries than keys, a traced beta.
         ("ALiBi (alibi_slopes, runway_alibi_slope)", uses_alibi),
         ("mask", mask is not None),
-        ("local_window_size", local_window_size is not None),
-        ("logits_soft_cap", logits_soft_cap is not None),
-        ("key_value_seq_lengths", key_value_seq_lengths is not None),
-        ("fewer queries than keys", lengths is not None and lengths[0] != lengths[1]),
-        ("a traced beta", isinstance(beta, jax.core.Tracer)),
         ("a traced scale", isinstance(scale, jax.core.Tracer)),
     ) if used]
     reasons = []
@@ -659,7 +727,7 @@ def _why_not_runnable(implementation, *, interpret, width, unsupported):
     return None
 
 
-def _segments_or_zeros(segment_ids, query):
+def _segments_or_zeros(segment_ids, key):
     if segment_ids is None:
-        return jnp.zeros(query.shape[:2], jnp.int32)
+        return jnp.zeros(key.shape[:2], jnp.int32)
     return segment_ids

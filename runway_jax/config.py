@@ -9,10 +9,11 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import difflib
+import json
 import math
 from typing import Optional
 
-from runway_jax.attention_config import AttentionConfig
+from runway_jax.attention_config import OPTION_FLAGS, AttentionConfig, AttentionOptions
 
 
 class _Dtypes(collections.abc.Mapping):
@@ -43,7 +44,12 @@ DTYPES = _Dtypes()
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Decoder-only transformer with runway-aware rewired attention (METHOD eqs. (1)-(3))."""
+    """Decoder-only transformer with runway-aware rewired attention (METHOD eqs. (1)-(3)).
+
+    The attention options of every layer are one field, ``attention``. By their flag names
+    (``OPTION_FLAGS``: ``beta``, ``attention_implementation``, ...) ``replace`` and
+    ``model_preset`` set them and attributes read them: ``config.beta`` is ``config.attention.beta``.
+    """
 
     vocab_size: int = 512
     """Rows of the embedding table; must be >= the tokenizer's vocabulary (byte: 259)."""
@@ -59,27 +65,15 @@ class ModelConfig:
     """Key/value heads of the attending heads (grouped-query attention); None: one per head."""
     mlp_dim: int = 192
     """Hidden width of the SwiGLU MLP."""
-    position: str = "rope"
-    """Position encoding: "rope", "nope" or "alibi"."""
-    rope_base: float = 10_000.0
-    """RoPE frequency base."""
     tie_embeddings: bool = True
     """Share the input embedding with the output head."""
     rewire: bool = True
     """Runway-aware rewired attention (METHOD eq. (3)); false: the standard-transformer baseline."""
     rewire_layers: Optional[tuple[int, ...]] = None
     """Indices of the rewired layers; None: all layers."""
-    beta: float = 1.0
-    """Strength beta of the runway penalty subtracted from the logits (METHOD eq. (3)), >= 0."""
-    runway_coefficient: str = "bilinear"
-    """Runway coefficient rho of METHOD eq. (2): "bilinear" or "dot"."""
-    runway_span: str = "exact"
-    """Tokens a runway covers: "exact" (between i and j) or "prefix"."""
-    keep_runway_head_output: bool = False
-    """Also use the runway head's own attention output (it then has value/output weights)."""
-    attention_implementation: Optional[str] = None
-    """"reference", "xla", "pallas_gpu", "pallas_tpu", several comma-separated in order of
-    preference, or None for the best available."""
+    attention: AttentionOptions = AttentionOptions()
+    """Options of every attention layer (beta, runway span, position encoding, implementation,
+    ...); each is a flag of its own."""
     dtype: str = "float32"
     """Compute dtype: "float32", or "bfloat16" / "float16" for mixed precision."""
     param_dtype: str = "float32"
@@ -91,6 +85,11 @@ class ModelConfig:
         if self.rewire_layers is not None and not isinstance(self.rewire_layers, tuple):
             # Lists from JSON or a command line are accepted; the stored value stays hashable.
             object.__setattr__(self, "rewire_layers", tuple(self.rewire_layers))
+        if isinstance(self.attention, collections.abc.Mapping):  # as config.json stores it
+            object.__setattr__(self, "attention", AttentionOptions(**self.attention))
+        if type(self.attention) is not AttentionOptions:
+            raise ValueError(f"ModelConfig: attention must be an AttentionOptions (the layers' shape "
+                             f"comes from the model's fields), got {type(self.attention).__name__}.")
         for name in ("vocab_size", "num_layers", "features", "mlp_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -107,10 +106,8 @@ class ModelConfig:
                     f"ModelConfig: rewire_layers={self.rewire_layers!r} must be distinct layer "
                     f"indices in [0, {self.num_layers}) or None for all layers."
                 )
-        for name in ("norm_eps", "rope_base"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 < value < math.inf):
-                raise ValueError(f"ModelConfig: {name}={value!r} must be a positive finite number.")
+        if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < math.inf):
+            raise ValueError(f"ModelConfig: norm_eps={self.norm_eps!r} must be a positive finite number.")
         for layer in sorted({0, *self.rewired_layers()}):
             self.attention_config(layer)  # validates every attention option once
 
@@ -122,32 +119,72 @@ class ModelConfig:
             return tuple(range(self.num_layers))
         return tuple(sorted(self.rewire_layers))
 
+    def __getattr__(self, name):
+        # Only called for names the config lacks: an option by its flag name (config.beta).
+        if name in OPTION_FLAGS:
+            return getattr(self.attention, OPTION_FLAGS[name])
+        raise AttributeError(f"'ModelConfig' object has no attribute {name!r}")
+
     def attention_config(self, layer: int) -> AttentionConfig:
-        return AttentionConfig(
-            features=self.features,
-            num_heads=self.num_heads,
-            head_dim=self.head_dim,
-            num_kv_heads=self.num_kv_heads,
-            rewire=layer in self.rewired_layers(),
-            beta=self.beta,
-            runway_coefficient=self.runway_coefficient,
-            runway_span=self.runway_span,
-            keep_runway_head_output=self.keep_runway_head_output,
-            position=self.position,
-            rope_base=self.rope_base,
-            implementation=self.attention_implementation,
-        )
+        """Layer ``layer``'s attention: the model's head shape, whether the layer is rewired, and
+        ``attention``."""
+        options = {field.name: getattr(self.attention, field.name)
+                   for field in dataclasses.fields(AttentionOptions)}
+        return AttentionConfig(features=self.features, num_heads=self.num_heads,
+                               head_dim=self.head_dim, num_kv_heads=self.num_kv_heads,
+                               rewire=layer in self.rewired_layers(), **options)
 
     @property
     def compute_dtype(self):
         return DTYPES[self.dtype]
 
     def replace(self, **changes) -> "ModelConfig":
+        """A copy with ``changes``; attention options by their flag names too
+        (``replace(beta=0.5, attention_implementation="xla")``)."""
+        options = {OPTION_FLAGS[name]: changes.pop(name) for name in list(changes) if name in OPTION_FLAGS}
+        if options:
+            changes["attention"] = dataclasses.replace(changes.get("attention", self.attention), **options)
         return dataclasses.replace(self, **changes)
 
     def baseline(self) -> "ModelConfig":
         """The standard transformer built from the same code: every layer unrewired."""
         return self.replace(rewire=False)
+
+
+def with_defaults(saved_model: dict) -> dict:
+    """A saved model config (the ``model`` dict of a ``config.json``, a run definition or a
+    checkpoint) in today's layout, as ``config_dict`` writes it, so that old runs compare equal
+    to their configs as loaded today:
+
+    * attention options that earlier versions saved flat (``"beta"``, ``"attention_implementation"``,
+      ...) move into ``"attention"`` under their field names, and a comma-separated fallback
+      order becomes its list;
+    * fields it predates are added at their defaults, which reproduce the models saved before
+      those fields existed.
+    """
+    flat_options = {OPTION_FLAGS[name]: value for name, value in saved_model.items() if name in OPTION_FLAGS}
+    attention = {**flat_options, **saved_model.get("attention", {})}
+    implementation = attention.get("implementation")
+    if isinstance(implementation, str) and "," in implementation:
+        attention["implementation"] = implementation.split(",")
+    if "attention" not in saved_model and attention.get("qk_norm") and "norm_eps" in saved_model:
+        # The flat layout had no qk_norm_eps: its QK-norm used the model's norm_eps.
+        attention.setdefault("qk_norm_eps", saved_model["norm_eps"])
+    defaults = json.loads(json.dumps(dataclasses.asdict(ModelConfig())))
+    model = {name: value for name, value in saved_model.items() if name not in OPTION_FLAGS}
+    return {**defaults, **model, "attention": {**defaults["attention"], **attention}}
+
+
+def flat_fields(saved: dict, prefix: str = "") -> dict:
+    """``{"attention": {"beta": 1.0}}`` as ``{"attention.beta": 1.0}``: saved configs compared,
+    and their differences named, field by field."""
+    flat = {}
+    for name, value in saved.items():
+        if isinstance(value, dict):
+            flat.update(flat_fields(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
 
 
 def upper_half(num_layers: int) -> tuple[int, ...]:

@@ -12,16 +12,23 @@ import jax.numpy as jnp
 from runway_jax.attention_config import POSITION_ENCODINGS  # noqa: F401 (re-exported)
 
 
-def apply_rope(x, positions, *, base: float = 10_000.0):
+def apply_rope(x, positions, *, base: float = 10_000.0, scaling_factor: float = 1.0):
     """Rotate ``x`` ``[B, T, ..., d]`` (d even) by ``positions`` ``[B, T]`` (the half-split form).
 
-    Computed in float32 and returned in ``x.dtype``.
+    ``scaling_factor`` ``s >= 1``: linear position interpolation, the rotation of position
+    ``p / s`` (as Gemma 3's global layers use to extend the context), so ``s`` times longer
+    sequences span the angles seen in training. Computed in float32 and returned in ``x.dtype``.
     """
     width = x.shape[-1]
     if width % 2:
         raise ValueError(f"apply_rope: head width d={width} must be even for RoPE.")
+    if not (isinstance(scaling_factor, (int, float)) and 0 < scaling_factor < math.inf):
+        raise ValueError(f"apply_rope: scaling_factor={scaling_factor!r} must be a finite number > 0.")
     frequencies = base ** (-jnp.arange(0, width, 2, dtype=jnp.float32) / width)  # [d/2]
-    angles = positions.astype(jnp.float32)[..., None] * frequencies  # [B, T, d/2]
+    positions = positions.astype(jnp.float32)
+    if scaling_factor != 1:  # skipped at 1, so unscaled models keep exactly their old angles
+        positions = positions / scaling_factor
+    angles = positions[..., None] * frequencies  # [B, T, d/2]
     angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + angles.shape[-1:])
     sin, cos = jnp.sin(angles), jnp.cos(angles)
     first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)

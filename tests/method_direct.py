@@ -80,25 +80,32 @@ def direct(query, key, value, runway_query, runway_key, *, beta, runway_coeffici
 
 def spec_loop(query, key, value, runway_query, runway_key, *, beta, runway_coefficient,
               runway_span, mask=None, segment_ids=None, local_window_size=None,
-              logits_soft_cap=None, key_value_seq_lengths=None):
+              logits_soft_cap=None, key_value_seq_lengths=None, scale=None,
+              alibi_slopes=None, runway_alibi_slope=None, return_probabilities=False):
     """METHOD eqs. (2), (3) with the options of (7), term by term in float64 NumPy.
 
     ``query`` has ``Tq <= Tk`` rows at positions ``p_r = L_b - Tq + r`` (``L_b = Tk`` or
-    ``key_value_seq_lengths[b]``); visibility (7a); soft cap after every bias (7b, 7c).
-    Returns (output [B, Tq, H, d], rho [B, Tq, Tk]).
+    ``key_value_seq_lengths[b]``); visibility (7a); soft cap after every bias (7b, 7c), ALiBi
+    ``-m (i - j)`` among the biases.
+    Returns (output [B, Tq, H, d], rho [B, Tq, Tk]), with ``return_probabilities`` also the
+    runway head's A [B, Tq, Tk] and the heads' softmax weights [B, H, Tq, Tk].
     """
     q, k, v, rq, rk = (np.asarray(jnp.asarray(x, jnp.float32), np.float64)
                        for x in (query, key, value, runway_query, runway_key))
     batch, query_length, heads, width = q.shape
     key_length = k.shape[1]
     groups = heads // k.shape[2]
-    scale = 1.0 / np.sqrt(width)
+    scale = 1.0 / np.sqrt(width) if scale is None else float(scale)
     beta = float(beta)
     mask = None if mask is None else np.broadcast_to(np.asarray(mask), (batch, query_length, key_length))
     cap = (lambda x: x) if logits_soft_cap is None else (
         lambda x: logits_soft_cap * np.tanh(x / logits_soft_cap))
     out = np.zeros(q.shape)
     rho = np.zeros((batch, query_length, key_length))
+    runway_probs = np.zeros((batch, query_length, key_length))
+    head_probs = np.zeros((batch, heads, query_length, key_length))
+    slopes = np.zeros(heads) if alibi_slopes is None else np.asarray(alibi_slopes, np.float64)
+    runway_slope = 0.0 if runway_alibi_slope is None else float(runway_alibi_slope)
     for b in range(batch):
         end = key_length if key_value_seq_lengths is None else int(key_value_seq_lengths[b])
         seg = None if segment_ids is None else np.asarray(segment_ids)[b]
@@ -116,7 +123,8 @@ def spec_loop(query, key, value, runway_query, runway_key, *, beta, runway_coeff
                 e = np.exp(row - row.max())
                 return e / e.sum()
 
-            A = softmax(lambda j: scale * rq[b, i] @ rk[b, j])  # (7b)
+            A = softmax(lambda j: scale * rq[b, i] @ rk[b, j] - runway_slope * (i - j))  # (7b)
+            runway_probs[b, r] = A
             w = rq[b] if runway_coefficient == "bilinear" else rk[b]
             for j in range(key_length):
                 if not visible(j):
@@ -125,21 +133,24 @@ def spec_loop(query, key, value, runway_query, runway_key, *, beta, runway_coeff
                 rho[b, r, j] = sum(A[kk] * scale * (w[kk] @ rk[b, j]) for kk in runway)
             for h in range(heads):
                 p = softmax(lambda j: scale * q[b, r, h] @ k[b, j, h // groups]
-                            - beta * rho[b, r, j])  # (3), (7c)
+                            - beta * rho[b, r, j] - slopes[h] * (i - j))  # (3), (7c)
+                head_probs[b, h, r] = p
                 out[b, r, h] = p @ v[b, :, h // groups]
+    if return_probabilities:
+        return out, rho, runway_probs, head_probs
     return out, rho
 
 
 def direct_options(query, key, value, runway_query, runway_key, *, beta, runway_coefficient,
                    runway_span, mask=None, segment_ids=None, local_window_size=None,
-                   logits_soft_cap=None, key_value_seq_lengths=None):
+                   logits_soft_cap=None, key_value_seq_lengths=None, scale=None):
     """Differentiable float32 twin of :func:`spec_loop`, with an explicit [Tq, Tk, Tk] runway
     indicator (autodiff of it gives the gradients the implementations must match)."""
     q, k, v, rq, rk = (jnp.asarray(x, jnp.float32) for x in (query, key, value, runway_query, runway_key))
     batch, query_length, heads, width = q.shape
     key_length = k.shape[1]
     groups = heads // k.shape[2]
-    scale = 1.0 / np.sqrt(width)
+    scale = 1.0 / np.sqrt(width) if scale is None else scale
     ends = (jnp.full((batch,), key_length) if key_value_seq_lengths is None
             else jnp.asarray(key_value_seq_lengths))
     i = ends[:, None] - query_length + jnp.arange(query_length)[None]  # [B, Tq] positions

@@ -29,18 +29,22 @@ import runway_analysis as analysis_script  # noqa: E402  (eval/runway_analysis.p
     dict(rewire=True),
     dict(rewire=False),
     dict(rewire=True, position="alibi", num_heads=5, num_kv_heads=2, runway_span="prefix",
-         runway_coefficient="dot", beta=0.5),
+         runway_coefficient="dot", beta=0.5, keep_runway_head_output=True),
 ])
 def test_layer_maps_reproduce_the_layer_output(options):
     """probs @ values through the output projection is the layer's own output (METHOD eq. (3)),
-    so the maps are the attention the model really applies."""
+    so the maps are the attention the model really applies (the values computed here, apart)."""
     config = AttentionConfig(features=40 if options.get("num_heads") == 5 else 32,
                              num_heads=options.pop("num_heads", 4), **options)
     weights = init_weights(config, jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (2, 11, config.features))
     positions = jnp.broadcast_to(jnp.arange(11), (2, 11))
     maps = runway_analysis.layer_attention(x, weights, config, positions)
-    heads = jnp.einsum("bhij,bjhd->bihd", maps["probs"], maps["value"])
+    value = jnp.einsum("btD,DKd->btKd", x, weights["value"])  # kv heads, then the runway head's
+    kv_heads = config.kv_heads
+    values = jnp.repeat(value[:, :, :kv_heads], config.attending_heads // kv_heads, axis=2)
+    values = jnp.concatenate([values, value[:, :, kv_heads:]], axis=2)  # kept runway output
+    heads = jnp.einsum("bhij,bjhd->bihd", maps["probs"], values)
     rebuilt = jnp.einsum("btHd,HdD->btD", heads, weights["out"])
     np.testing.assert_allclose(rebuilt, multi_head_attention(x, weights, config), atol=1e-5)
     np.testing.assert_allclose(maps["probs"].sum(-1), 1.0, atol=1e-5)

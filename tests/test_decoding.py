@@ -41,9 +41,16 @@ def test_prefill_and_decode_steps_match_the_full_forward_for_ragged_rows(overrid
     np.testing.assert_array_equal(cache[0]["heads"].lengths, lengths + 7)
 
 
+@nnx.jit
+def _last_logits(model, tokens):
+    return model(tokens)[:, -1]
+
+
 def _naive_greedy(model, prompt, steps):
+    """Greedy decoding by full forward passes, one per new token (no cache)."""
     for _ in range(steps):
-        prompt = jnp.concatenate([prompt, jnp.argmax(model(prompt)[:, -1], -1)[:, None]], axis=1)
+        prompt = jnp.concatenate([prompt, jnp.argmax(_last_logits(model, prompt), -1)[:, None]],
+                                 axis=1)
     return prompt
 
 

@@ -24,7 +24,8 @@ from runway_jax.config import model_preset
 from runway_jax.data import DataConfig, DataError
 from runway_jax.training import TrainConfig, train_and_evaluate
 from runway_jax.training.checkpoint import CheckpointError, clean_reason
-from runway_jax.training.cli import field_docs, flag_names, parse_flags
+from runway_jax.attention_config import AttentionOptions
+from runway_jax.training.cli import field_docs, flag_docs, flag_names, parse_flags
 from runway_jax.training.config import ConfigError
 from runway_jax.training.workdir import WorkdirError
 
@@ -106,7 +107,8 @@ BAD_FLAGS = [
     (["--lr=0"], "--lr=0.0 must be > 0"),
     (["--lr=-1"], "--lr=-1.0 must be >= 0"),
     (["--b2=1.5"], "--b2=1.5"),
-    (["--rope_base=inf"], "rope_base=inf must be a positive finite number"),
+    (["--rope_base=inf"], "rope_base=inf is invalid; use a positive finite number"),
+    (["--attention_implementation=xla,triton"], "implementation=('xla', 'triton') is invalid"),
     (["--steps=abc"], "--steps='abc' is not a valid int"),
     (["--workdir=FILE"], "is a file, not a directory"),
     (["--workdir=FILE/sub"], "cannot be created"),
@@ -139,14 +141,14 @@ def test_bad_flags_and_workdirs_exit_2_with_one_line_before_jax_is_imported(tmp_
 
 
 def test_help_describes_every_flag():
-    for config_type in (TrainConfig, type(model_preset("tiny")), DataConfig):
+    for config_type in (TrainConfig, type(model_preset("tiny")), DataConfig, AttentionOptions):
         undocumented = {f for f in config_type.__dataclass_fields__ if f not in ("model", "data")} - set(field_docs(config_type))
         assert not undocumented, (config_type.__name__, undocumented)
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         parse_flags(["--help"])
     text = " ".join(out.getvalue().replace("│", " ").split())
-    docs = {**field_docs(TrainConfig), **field_docs(type(model_preset("tiny"))), **field_docs(DataConfig)}
+    docs = flag_docs()
     for name in flag_names():
         flag = "--" + name.replace("_", "-")
         where = text.find(flag + " ")

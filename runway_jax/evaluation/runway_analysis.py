@@ -3,8 +3,10 @@
 * :func:`attention_maps`: per layer, the attention the model really applies (the rewired heads'
   softmax of ``s - beta * rho``, METHOD eq. (3), or standard causal attention), and in rewired
   layers the runway head's own attention ``A`` (eq. (1)) and the runway coefficients ``rho``
-  (eq. (2)). Recomputed from the layer's projections with ``T x T`` arrays: an analysis tool for
-  short sequences, checked against the layer's own output in the tests.
+  (eq. (2)). They come from the layer itself (``multi_head_attention(...,
+  return_probabilities=True)``, the library attention's ``"reference"`` implementation), the
+  same call that computes the layer's output, so segment ids and every layer option are
+  honoured; ``T x T`` arrays: an analysis tool for short sequences.
 * :func:`early_token_mass`: the share of attention on the first few tokens (the early-token bias,
   attention sinks), per layer, against the share uniform attention would give.
 * :func:`dependence_by_distance`: how strongly the last hidden state at position i depends on the
@@ -19,63 +21,42 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from runway_jax import attention
-from runway_jax.attention_layer import WEIGHT_AXES, project
+from runway_jax.attention_layer import multi_head_attention
 from runway_jax.evaluation import plots
-from runway_jax.masking import alibi_bias, attention_mask, masked_softmax
-from runway_jax.positions import alibi_slopes
 
 
-def layer_attention(x, weights, config, positions):
-    """One attention layer's maps for input ``x`` ``[B, T, D]`` (the layer's normed input).
+def layer_attention(x, weights, config, positions, *, segment_ids=None):
+    """One attention layer's maps for input ``x`` ``[B, T, D]`` (the layer's normed input),
+    computed in float32.
 
-    Returns a dict with ``probs`` ``[B, H_att, T, T]`` (the attention applied to the values),
-    ``value`` ``[B, T, H_att, d]`` (the values each head reads, GQA expanded), and in a rewired
-    layer ``runway`` ``[B, T, T]`` (A of eq. (1)) and ``rho`` ``[B, T, T]`` (eq. (2)).
+    Returns a dict with ``probs`` ``[B, H_out, T, T]`` (the attention applied to the values of
+    the ``H_out`` heads the output projection reads), and in a rewired layer ``runway``
+    ``[B, T, T]`` (A of eq. (1)) and ``rho`` ``[B, T, T]`` (eq. (2)). ``segment_ids`` (int
+    ``[B, T]``, packed documents) as the layer takes them.
     """
-    query, key, value = project(x, weights, config, positions, jnp.float32)
-    length = x.shape[1]
-    scale = 1.0 / np.sqrt(query.shape[-1])
-    mask = attention_mask(length)[:, None]  # [1, 1, T, T]
-    slopes = alibi_slopes(config.num_heads) if config.position == "alibi" else None
-    steps = jnp.arange(length)
-    maps = {}
-    if config.rewire:
-        runway_query, runway_key = query[:, :, -1], key[:, :, -1]
-        query, key, value = query[:, :, :-1], key[:, :, :config.kv_heads], value[:, :, :config.kv_heads]
-        runway_logits = scale * jnp.einsum("bid,bjd->bij", runway_query, runway_key)
-        if slopes is not None:
-            runway_logits = runway_logits + alibi_bias(steps, steps, slopes[-1])
-        maps["runway"] = masked_softmax(runway_logits, mask[:, 0])
-        maps["rho"] = attention.runway_coefficients(
-            runway_query, runway_key, runway_coefficient=config.runway_coefficient,
-            runway_span=config.runway_span, runway_alibi_slope=None if slopes is None else slopes[-1])
-    groups = query.shape[2] // key.shape[2]
-    key = jnp.repeat(key, groups, axis=2)
-    value = jnp.repeat(value, groups, axis=2)
-    logits = scale * jnp.einsum("bihd,bjhd->bhij", query, key)
-    if config.rewire:
-        logits = logits - config.beta * maps["rho"][:, None]
-    if slopes is not None:
-        logits = logits + alibi_bias(steps, steps, slopes[:query.shape[2]])
-    maps["probs"] = masked_softmax(logits, mask)
-    maps["value"] = value
+    _, probabilities = multi_head_attention(x, weights, config, positions=positions,
+                                            segment_ids=segment_ids, dtype=jnp.float32,
+                                            return_probabilities=True)
+    maps = {"probs": probabilities.heads}
+    if probabilities.runway is not None:
+        maps["runway"] = probabilities.runway
+        maps["rho"] = probabilities.runway_coefficients
     return maps
 
 
 @nnx.jit
-def attention_maps(model, tokens):
-    """Per layer of ``model`` on ``tokens`` ``[B, T]``: the dict of :func:`layer_attention`
-    without the values (positions ``0..T-1``, one segment per row)."""
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+def attention_maps(model, tokens, positions=None, segment_ids=None):
+    """Per layer of ``model`` on ``tokens`` ``[B, T]``: the dict of :func:`layer_attention`.
+    ``positions`` and ``segment_ids`` (int ``[B, T]``) as the model takes them: default
+    ``0..T-1`` and one segment per row; for packed rows positions restart at every document."""
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = model.embed(tokens).astype(jnp.float32)
     layers = []
     for block in model.blocks:
-        weights = {name: getattr(block.attention, name)[...] for name in WEIGHT_AXES}
-        maps = layer_attention(block.attention_norm(x), weights, block.attention.config, positions)
-        maps.pop("value")
-        layers.append(maps)
-        x = block(x, positions=positions, segment_ids=None)
+        layers.append(layer_attention(block.attention_norm(x), block.attention.weights(),
+                                      block.attention.config, positions, segment_ids=segment_ids))
+        x = block(x, positions=positions, segment_ids=segment_ids)
     return layers
 
 

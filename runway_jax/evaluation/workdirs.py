@@ -8,7 +8,7 @@ import os
 import jax
 from flax import nnx
 
-from runway_jax.config import ModelConfig
+from runway_jax.config import ModelConfig, with_defaults
 from runway_jax.data import DataConfig, make_tokenizer
 from runway_jax.model import TransformerLM
 from runway_jax.training.checkpoint import Checkpoints
@@ -24,7 +24,7 @@ def load_config(workdir: str) -> TrainConfig:
     try:
         with open(path) as handle:
             saved = json.load(handle)
-        model = ModelConfig(**saved.pop("model"))
+        model = ModelConfig(**with_defaults(saved.pop("model")))  # older layouts migrated
         data = DataConfig(**saved.pop("data"))
         saved["milestones"] = tuple(saved.get("milestones", ()))
         return TrainConfig(model=model, data=data, **saved)

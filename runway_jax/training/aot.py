@@ -216,7 +216,7 @@ def compile_train_step(config: TrainConfig, mesh) -> dict:
 
 
 def _implementation_for(config: TrainConfig, platform: str) -> str:
-    chosen = config.model.attention_implementation
+    chosen = config.model.attention.implementation
     if chosen is None:
         return attention.default_implementation(platform)
     return ",".join(chosen) if isinstance(chosen, (tuple, list)) else chosen

@@ -14,6 +14,7 @@ import re
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from runway_jax.config import flat_fields, with_defaults
 from runway_jax.training.config import ConfigError
 
 
@@ -61,9 +62,12 @@ class Checkpoints:
             saved = self.saved_config(step)
         except Exception as error:
             raise CheckpointError(self._corrupt(step, path, error)) from None
-        if saved.get("model") != model_config:
-            differences = sorted(k for k in model_config if saved.get("model", {}).get(k) != model_config[k])
-            shown = ", ".join(f"{k}: saved {saved.get('model', {}).get(k)!r} vs now {model_config[k]!r}"
+        # Older checkpoints' model configs in today's layout; fields added since at their
+        # (old-model) defaults.
+        saved_model, now = flat_fields(with_defaults(saved.get("model", {}))), flat_fields(model_config)
+        if saved_model != now:
+            differences = sorted(k for k in set(saved_model) | set(now) if saved_model.get(k) != now.get(k))
+            shown = ", ".join(f"{k}: saved {saved_model.get(k)!r} vs now {now.get(k)!r}"
                               for k in differences[:4])
             raise ConfigError(f"the checkpoint {path} was trained with a different model ({shown}); "
                               "use a new --workdir or the same model flags.")

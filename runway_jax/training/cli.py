@@ -7,6 +7,11 @@ preset is chosen first (its values become the defaults), unknown flags get a one
 the closest flag, ``true``/``false`` are accepted for booleans, and values are validated by the
 config classes after parsing, so that a bad value is a one-line error too; a value of the wrong
 type (``--steps=abc``) is found by parsing the flags one at a time and named in one line.
+
+The model's attention options (``ModelConfig.attention``) are flags of their own, under their
+flag names (``--beta=``, ``--attention_implementation=``; ``OPTION_FLAGS``), and a fallback order
+of implementations is given comma-separated (``--attention_implementation=pallas_gpu,xla``) and
+parsed here into the tuple the configs hold.
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ import inspect
 import io
 import textwrap
 import typing
+from typing import Optional
 
 import tyro
 
-from runway_jax.config import ModelConfig
+from runway_jax.attention_config import OPTION_FLAGS, AttentionOptions
 from runway_jax.data import DataConfig
 from runway_jax.training.config import ConfigError, TrainConfig, train_preset
 
@@ -32,14 +38,48 @@ _TYRO_OPTIONS = (tyro.conf.OmitArgPrefixes, tyro.conf.FlagConversionOff)
 
 def flag_names() -> set[str]:
     """Every flag name: the training fields and the model's and data's, flattened as tyro does."""
-    nested = {"model": ModelConfig, "data": DataConfig}
-    names = set()
-    for field in dataclasses.fields(TrainConfig):
-        if field.name in nested:
-            names |= {inner.name for inner in dataclasses.fields(nested[field.name])}
+    return set(_flags())
+
+
+def flag_docs() -> dict[str, str]:
+    """``{flag name: its --help text}`` (the docstring of its config field)."""
+    return {name: doc for name, (_, doc) in _flags().items() if doc}
+
+
+@functools.cache
+def _flags() -> dict:
+    """``{flag name: (type, help text)}`` of every flag."""
+    flags = {}
+    for name, hint, value, doc in _fields_as_flags(TrainConfig, TrainConfig()):
+        if dataclasses.is_dataclass(value):  # the model's and the data's flags, unprefixed
+            flags.update({inner: (inner_hint, inner_doc) for inner, inner_hint, _, inner_doc
+                          in _fields_as_flags(type(value), value)})
         else:
-            names.add(field.name)
-    return names
+            flags[name] = (hint, doc)
+    return flags
+
+
+def _fields_as_flags(config_type, config):
+    """``(flag name, type, value, help text)`` of each field of ``config``, except that the
+    attention options (``ModelConfig.attention``) stand in place of their field, one flag each."""
+    hints, docs = typing.get_type_hints(config_type), field_docs(config_type)
+    for field in dataclasses.fields(config_type):
+        value = getattr(config, field.name)
+        if isinstance(value, AttentionOptions):
+            options = {name: rest for name, *rest in _fields_as_flags(AttentionOptions, value)}
+            yield from ((flag, *options[option]) for flag, option in OPTION_FLAGS.items())
+        else:
+            yield field.name, hints[field.name], value, docs.get(field.name)
+
+
+def _is_fallback_order(hint) -> bool:
+    """A field that takes one name or a tuple of names tried in order (``implementation``)."""
+    return tuple[str, ...] in typing.get_args(hint)
+
+
+def _fallback_order(text: str | None):
+    """``"pallas_gpu,xla"`` -> ``("pallas_gpu", "xla")``; one name (or None) stays as it is."""
+    return tuple(text.split(",")) if text is not None and "," in text else text
 
 
 def parse_flags(args: list[str], preset: str = "default",
@@ -74,8 +114,10 @@ def parse_flags(args: list[str], preset: str = "default",
         # tyro rejected a value (its own message is a multi-line box): find the flag alone.
         raise ConfigError(_wrong_type_message(mirror, normalized)) from None
     values = {field.name: getattr(parsed, field.name) for field in dataclasses.fields(parsed)}
+    model_flags = {name: _fallback_order(value) if _is_fallback_order(_flags()[name][0]) else value
+                   for name, value in dataclasses.asdict(values["model"]).items()}
     try:
-        values["model"] = ModelConfig(**dataclasses.asdict(values["model"]))
+        values["model"] = base.model.replace(**model_flags)  # the options by their flag names
         values["data"] = DataConfig(**dataclasses.asdict(values["data"]))
         return TrainConfig(**values)
     except ConfigError:
@@ -91,8 +133,7 @@ def _quiet_cli(mirror, args):
 
 
 def _wrong_type_message(mirror, args) -> str:
-    types = {**typing.get_type_hints(ModelConfig), **typing.get_type_hints(DataConfig),
-             **typing.get_type_hints(TrainConfig)}
+    types = {name: hint for name, (hint, _) in _flags().items()}
     for arg in args:
         if arg.startswith("--") and "=" in arg:
             try:
@@ -105,20 +146,19 @@ def _wrong_type_message(mirror, args) -> str:
 
 
 def _mirror(config_type, default):
-    """A frozen dataclass with ``config_type``'s fields and types, ``default``'s values as
-    defaults, and no validation."""
-    hints = typing.get_type_hints(config_type)
+    """A frozen dataclass with ``config_type``'s flags (:func:`_fields_as_flags`) and types,
+    ``default``'s values as defaults, and no validation; a fallback order is one string."""
     fields = []
-    for field in dataclasses.fields(config_type):
-        value = getattr(default, field.name)
+    for name, hint, value, help_text in _fields_as_flags(config_type, default):
         if dataclasses.is_dataclass(value):
             nested = _mirror(type(value), value)
-            fields.append((field.name, nested, dataclasses.field(default=nested())))
-        else:
-            # The mirror has no source for tyro to read docstrings from: pass them on explicitly.
-            help_text = field_docs(config_type).get(field.name)
-            hint = typing.Annotated[hints[field.name], tyro.conf.arg(help=help_text)] if help_text else hints[field.name]
-            fields.append((field.name, hint, dataclasses.field(default=value)))
+            fields.append((name, nested, dataclasses.field(default=nested())))
+            continue
+        if _is_fallback_order(hint):
+            hint, value = Optional[str], ",".join(value) if isinstance(value, tuple) else value
+        # The mirror has no source for tyro to read docstrings from: pass them on explicitly.
+        hint = typing.Annotated[hint, tyro.conf.arg(help=help_text)] if help_text else hint
+        fields.append((name, hint, dataclasses.field(default=value)))
     return dataclasses.make_dataclass(config_type.__name__, fields, frozen=True)
 
 

@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import time
 
+from runway_jax.config import flat_fields, with_defaults
 from runway_jax.files import write_json, write_text
 
 LOCK_FILE = ".lock"
@@ -174,10 +175,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def run_definition(config: dict, tokenizer_sha256: str | None) -> dict:
-    """The fields of a resolved config (``config_dict``) that define a run, flat: ``model.*``,
-    the defining data fields, and the tokenizer's hash."""
+    """The fields of a resolved config (``config_dict``) that define a run, flat: ``model.*``
+    (``model.attention.beta``, ...), the defining data fields, and the tokenizer's hash."""
     data = config["data"]
-    definition = {f"model.{name}": value for name, value in config["model"].items()}
+    definition = flat_fields(config["model"], "model.")
     names = DEFINING_DATA_FIELDS + SYNTHETIC_DATA_FIELDS.get(data["source"], ())
     definition.update({name: data[name] for name in names})
     if tokenizer_sha256 is not None:
@@ -192,9 +193,13 @@ def check_resume(workdir: str, config: dict, tokenizer_sha256: str) -> dict:
     from runway_jax.training.config import ConfigError
 
     saved_config = read_json_file(os.path.join(workdir, CONFIG_FILE), "the saved training config")
+    # The saved model in today's layout (earlier versions saved the attention options flat);
+    # fields added since the run was saved count at their defaults, which reproduce the models
+    # saved before they existed (so a flag setting one otherwise is a change of model).
+    saved_config = dict(saved_config, model=with_defaults(saved_config.get("model", {})))
     path = os.path.join(workdir, DEFINITION_FILE)
     # Workdirs from before run_definition.json: the definition from config.json, without the hash.
-    saved = (read_json_file(path, "what defines the run") if os.path.isfile(path)
+    saved = (_with_model_migrated(read_json_file(path, "what defines the run")) if os.path.isfile(path)
              else run_definition(saved_config, None))
     now = run_definition(config, tokenizer_sha256)
     differing = [name for name in sorted(set(saved) | set(now))
@@ -204,6 +209,21 @@ def check_resume(workdir: str, config: dict, tokenizer_sha256: str) -> dict:
         raise ConfigError(f"cannot resume {workdir}: it holds a run with a different model or data "
                           f"({shown}); pass the saved values or use a new --workdir.")
     return _changes(saved_config, config)
+
+
+def _with_model_migrated(definition: dict) -> dict:
+    """A saved run definition with its ``model.*`` entries in today's layout (``with_defaults``):
+    older ones hold the attention options flat (``model.beta``) and lack the fields added since."""
+    model = {}
+    for key, value in definition.items():
+        if key.startswith("model."):
+            *parents, name = key.split(".")[1:]
+            fields = model
+            for parent in parents:  # "model.attention.beta": {"attention": {"beta": ...}}
+                fields = fields.setdefault(parent, {})
+            fields[name] = value
+    others = {key: value for key, value in definition.items() if not key.startswith("model.")}
+    return {**others, **flat_fields(with_defaults(model), "model.")}
 
 
 def _changes(saved, now, prefix=""):
