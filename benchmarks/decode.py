@@ -1,16 +1,22 @@
-"""Benchmark: per-token decode time with the cache, rewired vs baseline, in one run.
+"""Benchmark: cached decoding, rewired vs baseline, measured side by side in one run.
 
-    python benchmarks/decode.py [--lengths=512,2048,8192] [--tokens=32] [--prompt=256]
-                                [--preset=small] [--out=benchmarks/results/decode.json]
+    python benchmarks/decode.py [--lengths=512,2048,8192] [--tokens=16] [--repeats=5]
+                                [--prompt=256] [--preset=small]
+                                [--out=benchmarks/results/decode.json]
 
-For each cache length S it prefills the cache up to S - tokens and times ``tokens`` jitted
-``decode_step`` calls (batch 1, float32) for the rewired model and its baseline (same code,
-``rewire=False``), and prints the time per token and the ratio rewired / baseline. Once per
-model it also times filling a cache with a ``--prompt``-token prompt in one parallel ``prefill``
-against feeding the same prompt token by token through ``decode_step`` (tokens/s of each).
+Per-token decode: for each cache length S both models (the rewired one and its baseline, same
+code with ``rewire=False``) prefill a cache up to ``S - tokens``; then ``--repeats`` rounds each
+time ``tokens`` jitted ``decode_step`` calls per model from that same cache (caches are values,
+so every round starts alike), the two models interleaved and their order alternated, so that
+machine noise falls on both. Reported: the median time per token of each model and the median
+of the per-round ratios rewired / baseline (batch 1, float32).
+
+Prefill: once per model, filling a cache with a ``--prompt``-token prompt in one parallel
+``prefill`` against feeding the same prompt token by token through ``decode_step`` (tokens/s).
 """
 
 import argparse
+import statistics
 import time
 
 import jax
@@ -21,15 +27,26 @@ from runway_jax import TransformerLM, model_preset
 from runway_jax.decoding import decode_step, init_cache, prefill
 from common import write_results  # benchmarks/common.py
 
+KINDS = (("rewired", True), ("baseline", False))
 
-def seconds_per_token(config, length, tokens):
-    model = TransformerLM(config, rngs=nnx.Rngs(0))
+
+def make_model(preset, rewire):
+    return TransformerLM(model_preset(preset, vocab_size=512, rewire=rewire, dtype="float32"),
+                         rngs=nnx.Rngs(0))
+
+
+def prefilled(model, length, tokens):
+    """A jitted ``decode_step`` (compiled) and a cache filled up to ``length - tokens``."""
     step = nnx.jit(decode_step)
-    token = jnp.zeros((1,), jnp.int32)
-    prompt = jnp.zeros((1, length - tokens - 1), jnp.int32)
+    prompt = jnp.zeros((1, length - tokens), jnp.int32)
     _, cache = nnx.jit(prefill)(model, init_cache(model, batch=1, length=length), prompt)
-    logits, cache = step(model, cache, token)  # compile
-    jax.block_until_ready(logits)
+    jax.block_until_ready(step(model, cache, jnp.zeros((1,), jnp.int32)))  # compile
+    return step, cache
+
+
+def time_steps(model, step, cache, tokens):
+    """Seconds per token of ``tokens`` decode steps from ``cache``."""
+    token = jnp.zeros((1,), jnp.int32)
     start = time.perf_counter()
     for _ in range(tokens):
         logits, cache = step(model, cache, token)
@@ -37,20 +54,38 @@ def seconds_per_token(config, length, tokens):
     return (time.perf_counter() - start) / tokens
 
 
-def prefill_tokens_per_second(config, prompt_length):
+def decode_row(models, length, tokens, repeats):
+    ready = {kind: prefilled(model, length, tokens) for kind, model in models.items()}
+    times = {kind: [] for kind in models}
+    ratios = []
+    for round_ in range(repeats):
+        order = list(models) if round_ % 2 == 0 else list(models)[::-1]
+        for kind in order:
+            times[kind].append(time_steps(models[kind], *ready[kind], tokens))
+        ratios.append(times["rewired"][-1] / times["baseline"][-1])
+    row = {"cache_length": length, "tokens_per_round": tokens, "rounds": repeats}
+    for kind in models:
+        row[f"{kind}_seconds_per_token"] = statistics.median(times[kind])
+    row["ratio"] = statistics.median(ratios)
+    row["ratio_range"] = [min(ratios), max(ratios)]
+    return row
+
+
+def prefill_tokens_per_second(model, prompt_length):
     """``(parallel, token_by_token)`` tokens/s filling a cache with one prompt."""
-    model = TransformerLM(config, rngs=nnx.Rngs(0))
     prompt = jnp.zeros((1, prompt_length), jnp.int32)
     fill, step = nnx.jit(prefill), nnx.jit(decode_step)
     empty = init_cache(model, batch=1, length=prompt_length)
     jax.block_until_ready(fill(model, empty, prompt))  # compile
     jax.block_until_ready(step(model, empty, prompt[:, 0]))
+    # The prompt's columns as ready arrays: slicing inside the timed loop would time the slices.
+    columns = [jnp.zeros((1,), jnp.int32) for _ in range(prompt_length)]
     start = time.perf_counter()
     jax.block_until_ready(fill(model, empty, prompt))
     parallel = prompt_length / (time.perf_counter() - start)
     start, cache = time.perf_counter(), empty
-    for position in range(prompt_length):
-        logits, cache = step(model, cache, prompt[:, position])
+    for column in columns:
+        logits, cache = step(model, cache, column)
     jax.block_until_ready(logits)
     return parallel, prompt_length / (time.perf_counter() - start)
 
@@ -58,29 +93,35 @@ def prefill_tokens_per_second(config, prompt_length):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="512,2048,8192")
-    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--preset", default="small")
     parser.add_argument("--out", default="benchmarks/results/decode.json")
     args = parser.parse_args(argv)
+    lengths = [int(n) for n in args.lengths.split(",")]
+    if args.tokens < 1 or args.repeats < 1 or min(lengths) <= args.tokens:
+        parser.error(f"--tokens={args.tokens} and --repeats={args.repeats} must be >= 1 and every "
+                     f"cache length in --lengths={args.lengths} longer than --tokens")
+    models = {kind: make_model(args.preset, rewire) for kind, rewire in KINDS}
     results = {"backend": jax.default_backend(), "preset": args.preset, "rows": [], "prefill": {}}
-    for kind, rewire in (("rewired", True), ("baseline", False)):
-        config = model_preset(args.preset, vocab_size=512, rewire=rewire, dtype="float32")
-        parallel, fed = prefill_tokens_per_second(config, args.prompt)
-        results["prefill"][kind] = {"prompt_tokens": args.prompt, "parallel_tokens_per_second": parallel,
-                                    "token_by_token_tokens_per_second": fed, "speedup": parallel / fed}
-        print(f"prefill {kind}: {args.prompt} tokens, parallel {parallel:.0f} tokens/s, token by token "
-              f"{fed:.0f} tokens/s, {parallel / fed:.1f}x", flush=True)
-    for length in (int(n) for n in args.lengths.split(",")):
-        row = {"cache_length": length}
-        for kind, rewire in (("rewired", True), ("baseline", False)):
-            config = model_preset(args.preset, vocab_size=512, rewire=rewire, dtype="float32")
-            row[f"{kind}_seconds_per_token"] = seconds_per_token(config, length, args.tokens)
-        row["ratio"] = row["rewired_seconds_per_token"] / row["baseline_seconds_per_token"]
+    for kind, model in models.items():
+        parallel, fed = prefill_tokens_per_second(model, args.prompt)
+        results["prefill"][kind] = {"prompt_tokens": args.prompt,
+                                    "parallel_tokens_per_second": parallel,
+                                    "token_by_token_tokens_per_second": fed,
+                                    "speedup": parallel / fed}
+        print(f"prefill {kind}: {args.prompt} tokens, parallel {parallel:.0f} tokens/s, token by "
+              f"token {fed:.0f} tokens/s, {parallel / fed:.1f}x", flush=True)
+    for done, length in enumerate(lengths, 1):
+        start = time.perf_counter()
+        row = decode_row(models, length, args.tokens, args.repeats)
         results["rows"].append(row)
+        low, high = row["ratio_range"]
         print(f"cache {length:>6}: rewired {row['rewired_seconds_per_token'] * 1e3:.2f} ms/token, "
-              f"baseline {row['baseline_seconds_per_token'] * 1e3:.2f} ms/token, ratio {row['ratio']:.2f}x",
-              flush=True)
+              f"baseline {row['baseline_seconds_per_token'] * 1e3:.2f} ms/token, ratio "
+              f"{row['ratio']:.2f}x (rounds {low:.2f}-{high:.2f}) "
+              f"[{done}/{len(lengths)}, {time.perf_counter() - start:.0f} s]", flush=True)
     write_results(results, args.out)
     return results
 

@@ -187,7 +187,7 @@ def triton_calls(block_sizes, *, length, heads, width, span="exact"):
 
     def loss_gradients(q, k, v, rq, rk, segments):  # value_and_grad keeps the forward kernels
         def loss(*a):
-            out = kernels.rewired_attention(*a, target="pallas_gpu", beta=1.0,
+            out = kernels.rewired_attention(*a, implementation="pallas_gpu", beta=1.0,
                                             runway_coefficient="bilinear", runway_span=span,
                                             segment_ids=segments, scale=None,
                                             block_sizes=block_sizes)

@@ -50,9 +50,9 @@ def analytic_rows(lengths, batch, heads, width, itemsize=2):
         # A rewired layer of H heads: H - 1 attending heads and the runway head (METHOD (1)).
         for span in attention.RUNWAY_SPANS:
             flops, _, hbm = common.forward_cost(batch, length, heads - 1, heads - 1, width, itemsize,
-                                                span=span)
+                                                runway_span=span)
             back_flops, _, back_hbm = common.backward_cost(batch, length, heads - 1, heads - 1, width,
-                                                           itemsize, span=span)
+                                                           itemsize, runway_span=span)
             row.update({
                 f"{span}_forward_flops": flops, f"{span}_forward_hbm_bytes": hbm,
                 f"{span}_forward_backward_flops": flops + back_flops,
@@ -65,7 +65,7 @@ def analytic_rows(lengths, batch, heads, width, itemsize=2):
         tiles = dict(block_q=gpu.block_q, block_k=gpu.block_k)
         gpu_standard, _ = common.standard_attention_cost(batch, length, heads, heads, width, itemsize, **tiles)
         gpu_exact, _, _ = common.forward_cost(batch, length, groups * gpu.heads_per_program, heads - 1, width,
-                                              itemsize, span="exact", head_groups=groups, **tiles)
+                                              itemsize, runway_span="exact", head_groups=groups, **tiles)
         row["gpu_head_groups"] = groups
         row["gpu_exact_flop_ratio_to_standard"] = gpu_exact / gpu_standard
         rows.append(row)

@@ -32,10 +32,11 @@ alignment, for decoding and chunked prefill).
   blocks and key blocks; it never builds a ``T x T x T`` or ``T x T x d`` array, and its backward
   pass recomputes each chunk instead of storing it.
 * ``"pallas_tpu"`` / ``"pallas_gpu"``: the fused flash-style kernels of :mod:`runway_jax.kernels`
-  (METHOD (3c)); they never hold a ``T x T`` array. They run on their accelerator, or anywhere with
-  ``interpret=True``. They take every option of METHOD (7) except a dense ``mask`` (window, soft
-  cap, fewer queries than keys, ``key_value_seq_lengths``, segment ids, a traced ``beta``), but
-  not the ALiBi options or a traced ``scale``. Inside a
+  (METHOD (3c)); they never hold a ``T x T`` array. They run on their accelerator;
+  ``"pallas_tpu_interpret"`` / ``"pallas_gpu_interpret"`` run the same kernels in Pallas
+  interpret mode on any backend (slow; for tests on CPU). They take every option of METHOD (7)
+  except a dense ``mask`` (window, soft cap, fewer queries than keys, ``key_value_seq_lengths``,
+  segment ids, a traced ``beta``), but not the ALiBi options or a traced ``scale``. Inside a
   ``jax.set_mesh`` context they run under ``shard_map`` (batch and heads split over the mesh).
 * ``None``: the best implementation that can run this call: ``"pallas_tpu"`` on TPU,
   ``"pallas_gpu"`` on GPU, ``"xla"`` otherwise (and ``"xla"`` whenever the kernel cannot take the
@@ -103,7 +104,6 @@ def rewired_attention(
     key_value_seq_lengths=None,
     scale=None,
     implementation=None,
-    interpret=False,
     alibi_slopes=None,
     runway_alibi_slope=None,
     return_probabilities=False,
@@ -132,9 +132,9 @@ def rewired_attention(
         padding) and its queries are the last ``Tq`` positions of those ``L_b`` (a cache of
         ragged rows; eq. (7)).
       scale: logit scale, default ``1 / sqrt(d)``; it scales both the logits and g.
-      implementation: ``"reference"``, ``"xla"``, ``"pallas_gpu"``, ``"pallas_tpu"``, ``None``
-        (the best available) or a sequence of names tried in order (see the module docstring).
-      interpret: run Pallas kernels in interpret mode (for CPU tests).
+      implementation: ``"reference"``, ``"xla"``, ``"pallas_gpu"``, ``"pallas_tpu"``, their
+        interpret-mode twins ``"pallas_gpu_interpret"``, ``"pallas_tpu_interpret"``, ``None`` (the
+        best available) or a sequence of names tried in order (see the module docstring).
       alibi_slopes: optional ``[H]`` ALiBi slopes ``m_h``: adds ``-m_h * (i - j)`` to head h's
         logits. Not part of METHOD; it lets ALiBi models use rewiring.
       runway_alibi_slope: optional ALiBi slope of the runway head's own attention A. The kernel g
@@ -163,16 +163,16 @@ def rewired_attention(
     if return_probabilities:
         implementation = _implementation_with_probabilities(name, implementation)
     implementation = _resolve_implementation(
-        name, implementation, interpret=interpret, width=query.shape[-1], scale=scale,
+        name, implementation, width=query.shape[-1], scale=scale,
         uses_alibi=alibi_slopes is not None or runway_alibi_slope is not None,
         beta=beta, lengths=(query.shape[1], key.shape[1]), **options)
     segment_ids = options["segment_ids"]
-    if implementation in kernels.TARGETS:
+    if implementation in kernels.IMPLEMENTATIONS:
         fused = functools.partial(
-            kernels.rewired_attention, target=implementation,
+            kernels.rewired_attention, implementation=implementation,
             runway_coefficient=runway_coefficient, runway_span=runway_span, scale=scale,
             local_window_size=options["local_window_size"],
-            logits_soft_cap=options["logits_soft_cap"], interpret=interpret)
+            logits_soft_cap=options["logits_soft_cap"])
         return kernel_sharding.call_sharded(
             lambda q, k, v, rq, rk, s, lengths, b: fused(
                 q, k, v, rq, rk, segment_ids=s, key_value_seq_lengths=lengths, beta=b),
@@ -248,7 +248,6 @@ def causal_attention(
     scale=None,
     implementation=None,
     alibi_slopes=None,
-    interpret=False,
     return_probabilities=False,
 ):
     """Standard causal (grouped-query) attention from the same code: the baseline.
@@ -270,14 +269,14 @@ def causal_attention(
     if return_probabilities:
         implementation = _implementation_with_probabilities(name, implementation)
     implementation = _resolve_implementation(
-        name, implementation, interpret=interpret, width=query.shape[-1], scale=scale,
+        name, implementation, width=query.shape[-1], scale=scale,
         uses_alibi=alibi_slopes is not None, beta=0.0, lengths=(query.shape[1], key.shape[1]),
         **options)
     segment_ids = options["segment_ids"]
-    if implementation in kernels.TARGETS:
-        fused = functools.partial(kernels.causal_attention, target=implementation, scale=scale,
-                                  local_window_size=options["local_window_size"],
-                                  logits_soft_cap=options["logits_soft_cap"], interpret=interpret)
+    if implementation in kernels.IMPLEMENTATIONS:
+        fused = functools.partial(kernels.causal_attention, implementation=implementation,
+                                  scale=scale, local_window_size=options["local_window_size"],
+                                  logits_soft_cap=options["logits_soft_cap"])
         runway = jnp.zeros(key.shape[:2] + key.shape[3:], query.dtype)  # unused placeholder
         return kernel_sharding.call_sharded(
             lambda q, k, v, rq, rk, s, lengths, _: fused(q, k, v, segment_ids=s,
@@ -300,7 +299,9 @@ _TARGET_BACKEND = contextvars.ContextVar("runway_jax_target_backend", default=No
 def compiling_for(backend: str):
     """Within this context ``implementation=None`` and the kernels' availability check act as if
     JAX's default backend were ``backend`` (e.g. ``"tpu"``): for tracing a program that
-    ``jax.jit(...).lower(...).compile()`` compiles for a TPU topology from a CPU host."""
+    ``jax.jit(...).lower(...).compile()`` compiles for a TPU topology from a CPU host. It is read
+    at trace time, which ``jit``'s cache does not key on: lower a function not traced before
+    (a fresh ``jax.jit``), as :mod:`runway_jax.training.aot` does."""
     token = _TARGET_BACKEND.set(backend)
     try:
         yield
@@ -670,7 +671,7 @@ def _check_alibi(name, alibi_slopes, runway_alibi_slope, heads):
         )
 
 
-def _resolve_implementation(name, implementation, *, interpret=False, width=None, scale=None,
+def _resolve_implementation(name, implementation, *, width=None, scale=None,
                             uses_alibi=False, beta=0.0, lengths=None, mask=None, segment_ids=None,
                             local_window_size=None, logits_soft_cap=None,
                             key_value_seq_lengths=None):
@@ -696,8 +697,7 @@ def _resolve_implementation(name, implementation, *, interpret=False, width=None
     ) if used]
     reasons = []
     for choice in candidates:
-        reason = _why_not_runnable(choice, interpret=interpret, width=width,
-                                   unsupported=unsupported)
+        reason = _why_not_runnable(choice, width=width, unsupported=unsupported)
         if reason is None:
             return choice
         reasons.append(reason)
@@ -708,22 +708,24 @@ def _resolve_implementation(name, implementation, *, interpret=False, width=None
                      f"({details}).")
 
 
-def _why_not_runnable(implementation, *, interpret, width, unsupported):
+def _why_not_runnable(implementation, *, width, unsupported):
     """Why ``implementation`` cannot run a call, or ``None`` if it can."""
-    if implementation not in kernels.TARGETS:
+    if implementation not in kernels.IMPLEMENTATIONS:
         return None
+    kernel, interpret = kernels.kernel_of(implementation)
     if unsupported:
         return (f"{', '.join(unsupported)} {'is' if len(unsupported) == 1 else 'are'} not "
                 "supported by the pallas kernels; use implementation='xla'")
-    if implementation == "pallas_gpu" and width is not None and width & (width - 1):
+    if kernel == "pallas_gpu" and width is not None and width & (width - 1):
         return f"head width d={width} is not a power of two (Triton tiles); use implementation='xla'"
-    if interpret or kernels.interpret_forced():
+    if interpret:
         return None
     backend = target_backend()
-    needed = "tpu" if implementation == "pallas_tpu" else "gpu"
+    needed = "tpu" if kernel == "pallas_tpu" else "gpu"
     if backend != needed:
-        return (f"it needs a {needed.upper()} but JAX's default backend is {backend!r}; pass "
-                "interpret=True to run the kernel in interpret mode, or use implementation='xla'")
+        return (f"it needs a {needed.upper()} but JAX's default backend is {backend!r}; use "
+                f"implementation={kernel + kernels.INTERPRET_SUFFIX!r} to run the kernel in "
+                "interpret mode, or implementation='xla'")
     return None
 
 

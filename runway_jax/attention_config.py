@@ -22,7 +22,9 @@ from typing import Optional, Union
 
 RUNWAY_COEFFICIENTS = ("bilinear", "dot")
 RUNWAY_SPANS = ("exact", "prefix")
-IMPLEMENTATIONS = ("reference", "xla", "pallas_gpu", "pallas_tpu")
+# The kernels' "_interpret" twins run them in Pallas interpret mode on any backend (CPU tests).
+IMPLEMENTATIONS = ("reference", "xla", "pallas_gpu", "pallas_tpu", "pallas_gpu_interpret",
+                   "pallas_tpu_interpret")
 POSITION_ENCODINGS = ("rope", "nope", "alibi")
 RUNWAY_KEYS = ("own", "group")
 

@@ -167,9 +167,6 @@ def with_defaults(saved_model: dict) -> dict:
     implementation = attention.get("implementation")
     if isinstance(implementation, str) and "," in implementation:
         attention["implementation"] = implementation.split(",")
-    if "attention" not in saved_model and attention.get("qk_norm") and "norm_eps" in saved_model:
-        # The flat layout had no qk_norm_eps: its QK-norm used the model's norm_eps.
-        attention.setdefault("qk_norm_eps", saved_model["norm_eps"])
     defaults = json.loads(json.dumps(dataclasses.asdict(ModelConfig())))
     model = {name: value for name, value in saved_model.items() if name not in OPTION_FLAGS}
     return {**defaults, **model, "attention": {**defaults["attention"], **attention}}
@@ -185,6 +182,19 @@ def flat_fields(saved: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{name}"] = value
     return flat
+
+
+def nested_fields(flat: dict) -> dict:
+    """The inverse of :func:`flat_fields`: ``{"attention.beta": 1.0}`` as
+    ``{"attention": {"beta": 1.0}}``."""
+    nested = {}
+    for key, value in flat.items():
+        *parents, name = key.split(".")
+        fields = nested
+        for parent in parents:
+            fields = fields.setdefault(parent, {})
+        fields[name] = value
+    return nested
 
 
 def upper_half(num_layers: int) -> tuple[int, ...]:

@@ -283,9 +283,10 @@ def test_bad_input_raises_one_line_value_error(needle, call):
 
 @pytest.mark.parametrize("implementation", ["pallas_gpu", "pallas_tpu"])
 def test_pallas_implementations_need_their_accelerator_or_interpret_mode(implementation):
-    """On CPU the kernels run only in interpret mode (tests/test_kernels.py tests them)."""
+    """On CPU the kernels run only in interpret mode (tests/test_kernels.py tests them); the error
+    names the implementation that does."""
     inputs = make_inputs(13, 1, 4, 2, 2, 8)
-    with pytest.raises(ValueError, match=f"{implementation}.*interpret=True"):
+    with pytest.raises(ValueError, match=f"{implementation}.*'{implementation}_interpret'"):
         attention.rewired_attention(*inputs, implementation=implementation)
 
 

@@ -217,7 +217,7 @@ def test_nan_outside_the_mask_or_window_reaches_no_row(path):
     np.testing.assert_allclose(windowed[0], clean[0], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("implementation", ["pallas_tpu", "pallas_gpu"])
+@pytest.mark.parametrize("implementation", ["pallas_tpu_interpret", "pallas_gpu_interpret"])
 def test_kernels_fall_back_or_say_what_they_lack(implementation):
     """None falls back to "xla" for an option the kernels lack (a dense mask; the other options
     of (7) run on the kernels, tests/test_kernel_options.py); naming a kernel raises one line."""
@@ -225,12 +225,11 @@ def test_kernels_fall_back_or_say_what_they_lack(implementation):
     for options in (dict(mask=key_padding_mask()), dict(mask=key_padding_mask(),
                                                          local_window_size=3)):
         with pytest.raises(ValueError) as error:
-            attention.rewired_attention(*inputs, implementation=implementation, interpret=True,
-                                        **options)
+            attention.rewired_attention(*inputs, implementation=implementation, **options)
         message = str(error.value)
         assert "not supported by the pallas kernels" in message and "\n" not in message
         fallback = attention.rewired_attention(*inputs, implementation=(implementation, "xla"),
-                                               interpret=True, **options)
+                                               **options)
         np.testing.assert_allclose(fallback, attention.rewired_attention(
             *inputs, implementation="xla", **options), atol=0, rtol=0)
 

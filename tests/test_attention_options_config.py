@@ -19,7 +19,7 @@ from flax import nnx
 from runway_jax import attention, attention_config
 from runway_jax.attention_config import OPTION_FLAGS, AttentionConfig, AttentionOptions
 from runway_jax.attention_layer import RewiredMultiHeadAttention
-from runway_jax.config import ModelConfig, model_preset, with_defaults
+from runway_jax.config import ModelConfig, flat_fields, model_preset, nested_fields, with_defaults
 from runway_jax.data import DataConfig
 from runway_jax.evaluation.workdirs import load_config
 from runway_jax.model import TransformerLM
@@ -158,15 +158,16 @@ def test_an_old_flat_workdir_loads_refuses_a_changed_option_and_resumes(tmp_path
 
 
 def test_the_flat_layout_with_the_later_options_migrates_exactly(tmp_path):
-    """The flat layout also held runway_key, the scale, window, soft cap, QK-norm (its epsilon
-    the model's norm_eps) and RoPE scaling under their flag names."""
+    """Every option's flag name migrates from the flat layout (the window, soft cap, QK-norm, ...
+    came with the nested one, but a hand-written flat config may name them)."""
     flat = dict(FLAT_MODEL, num_heads=4, num_kv_heads=1, norm_eps=1e-5, attention_implementation="xla",
                 runway_key="group", attention_scale=0.25, local_window_size=5,
                 attention_logits_soft_cap=30.0, qk_norm=True, rope_scaling_factor=2.0)
     model = ModelConfig(**with_defaults(flat))
     assert model.attention == AttentionOptions(
         beta=0.5, implementation="xla", runway_key="group", scale=0.25, local_window_size=5,
-        logits_soft_cap=30.0, qk_norm=True, qk_norm_eps=1e-5, rope_scaling_factor=2.0)
+        logits_soft_cap=30.0, qk_norm=True, rope_scaling_factor=2.0)
+    assert model.attention.qk_norm_eps == AttentionOptions().qk_norm_eps  # not the model's norm_eps
     assert with_defaults(config_dict(TrainConfig(model=model))["model"]) == with_defaults(flat)
     saved = config_dict(TrainConfig(model=model))
     (tmp_path / "config.json").write_text(json.dumps(dict(saved, model=flat)))  # no run_definition.json
@@ -206,3 +207,9 @@ def test_a_bad_implementation_name_is_one_line_at_the_command_line(text):
     assert "\n" not in str(error.value) and "separated by commas" in str(error.value)
     with pytest.raises(ValueError, match="is invalid"):  # configs take tuples, not the flag's string
         AttentionOptions(implementation="xla,reference")
+
+
+def test_nested_fields_inverts_flat_fields():
+    saved = config_dict(TrainConfig(model=model_preset("tiny", beta=0.5)))
+    assert nested_fields(flat_fields(saved)) == saved
+    assert flat_fields({"model": {"attention": {"beta": 1.0}}})["model.attention.beta"] == 1.0

@@ -52,7 +52,7 @@ def test_both_kernel_passes_compile_for_tpu_v5e_with_their_cost_estimates():
     args = [shape(b, t, h, d)] * 3 + [shape(b, t, d)] * 2
 
     def forward(q, k, v, rq, rk):
-        return kernels.rewired_attention(q, k, v, rq, rk, target="pallas_tpu", beta=1.0,
+        return kernels.rewired_attention(q, k, v, rq, rk, implementation="pallas_tpu", beta=1.0,
                                          runway_coefficient="bilinear", runway_span="exact",
                                          segment_ids=None, scale=None)
 
@@ -62,8 +62,8 @@ def test_both_kernel_passes_compile_for_tpu_v5e_with_their_cost_estimates():
     from jax.experimental import pallas as pl
 
     plan = common.plan(t, common.BlockSizes.tpu_default())
-    forward_flops = common.forward_cost(b, t, h, h, d, 2, span="exact")[0]
-    backward_flops = sum(common.backward_pass_estimate(pl, b, h, h, d, 2, plan_=plan, span="exact",
+    forward_flops = common.forward_cost(b, t, h, h, d, 2, runway_span="exact")[0]
+    backward_flops = sum(common.backward_pass_estimate(pl, b, h, h, d, 2, plan_=plan, runway_span="exact",
                                                        key_pass=key_pass).flops for key_pass in (False, True))
     for fn, calls, flops in ((forward, 2, forward_flops), (loss_gradients, 4, forward_flops + backward_flops)):
         compiled = jax.jit(fn).lower(*args).compile()
@@ -100,7 +100,7 @@ def test_kernels_with_window_soft_cap_ragged_rows_and_traced_beta_compile_for_tp
             + [shape(jnp.float32), shape(jnp.int32, b)])
 
     def forward(q, k, v, rq, rk, beta, lengths):
-        return kernels.rewired_attention(q, k, v, rq, rk, target="pallas_tpu", beta=beta,
+        return kernels.rewired_attention(q, k, v, rq, rk, implementation="pallas_tpu", beta=beta,
                                          runway_coefficient="bilinear", runway_span="exact",
                                          segment_ids=None, scale=None, local_window_size=window,
                                          logits_soft_cap=30.0, key_value_seq_lengths=lengths)
@@ -112,12 +112,12 @@ def test_kernels_with_window_soft_cap_ragged_rows_and_traced_beta_compile_for_tp
     plan = common.plan(tq, common.BlockSizes.tpu_default(), key_length=tk, window=window,
                        ragged=True)
     assert (plan.key_steps, plan.num_key_blocks) == (4, 8)
-    forward_flops = common.forward_cost(b, tk, h, h, d, 2, span="exact", window=window,
+    forward_flops = common.forward_cost(b, tk, h, h, d, 2, runway_span="exact", window=window,
                                         query_length=tq, soft_cap=True)[0]
-    assert forward_flops < common.forward_cost(b, tk, h, h, d, 2, span="exact",
+    assert forward_flops < common.forward_cost(b, tk, h, h, d, 2, runway_span="exact",
                                                query_length=tq)[0]
     backward_flops = sum(common.backward_pass_estimate(
-        pl, b, h, h, d, 2, plan_=plan, span="exact", key_pass=key_pass, soft_cap=True).flops
+        pl, b, h, h, d, 2, plan_=plan, runway_span="exact", key_pass=key_pass, soft_cap=True).flops
         for key_pass in (False, True))
     for fn, calls, flops in ((forward, 2, forward_flops),
                              (loss_gradients, 4, forward_flops + backward_flops)):

@@ -19,7 +19,7 @@ from method_direct import direct_options, spec_loop
 from runway_jax import attention, kernels
 from runway_jax.kernels import common
 
-TARGETS = kernels.TARGETS
+TARGETS = kernels.KERNELS
 NAMES = ("query", "key", "value", "runway_query", "runway_key", "beta")
 BLOCKS = common.BlockSizes(block_q=8, block_k=8, heads_per_program=2)
 WIDTH = 8
@@ -82,8 +82,8 @@ def kernel_forward_and_grads(target, case):
 
     def run(query, key, value, runway_query, runway_key, beta, cotangent):
         out, vjp = jax.vjp(lambda *a: kernels.rewired_attention(
-            *a[:5], beta=a[5], target=target, block_sizes=BLOCKS, interpret=True, scale=None,
-            **options), query, key, value, runway_query, runway_key, beta)
+            *a[:5], beta=a[5], implementation=target + kernels.INTERPRET_SUFFIX,
+            block_sizes=BLOCKS, scale=None, **options), query, key, value, runway_query, runway_key, beta)
         return out, vjp(cotangent.astype(out.dtype))
     return jax.jit(run)
 
@@ -180,10 +180,10 @@ def test_public_api_runs_the_kernel_with_every_option_and_a_traced_beta():
 
     def loss(beta, implementation):
         out = attention.rewired_attention(*inputs, beta=beta, implementation=implementation,
-                                          interpret=True, **options)
+                                          **options)
         return jnp.sum(weights * out)
 
-    value, grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)(0.7, "pallas_gpu")
+    value, grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)(0.7, "pallas_gpu_interpret")
     want_value, want_grad = jax.jit(jax.value_and_grad(
         lambda b: jnp.sum(weights * direct_options(*inputs, beta=b, **options)[0])))(0.7)
     np.testing.assert_allclose(value, want_value, rtol=0, atol=1e-4)
@@ -265,9 +265,9 @@ def test_selection_takes_the_kernels_with_the_new_options():
         attention.rewired_attention, implementation=implementation, **options, **kw)
     assert not uses_kernel(call(None), *inputs)  # None on CPU: xla
     for target in TARGETS:
-        assert uses_kernel(call((target, "xla"), interpret=True), *inputs)
-    causal = functools.partial(attention.causal_attention, implementation="pallas_gpu",
-                               interpret=True, **options)
+        assert uses_kernel(call((target + kernels.INTERPRET_SUFFIX, "xla")), *inputs)
+    causal = functools.partial(attention.causal_attention,
+                               implementation="pallas_gpu_interpret", **options)
     assert uses_kernel(causal, *inputs[:3])
 
 
@@ -275,7 +275,7 @@ def test_selection_takes_the_kernels_with_the_new_options():
 def test_a_mask_is_still_a_one_line_error_for_the_kernels(target):
     inputs = make_inputs(10, 1, 5, 5, 2, 1)
     with pytest.raises(ValueError) as error:
-        attention.rewired_attention(*inputs, implementation=target, interpret=True,
+        attention.rewired_attention(*inputs, implementation=target + kernels.INTERPRET_SUFFIX,
                                     local_window_size=2, mask=jnp.ones((5, 5), bool))
     message = str(error.value)
     assert "mask is not supported by the pallas kernels" in message and "\n" not in message
@@ -297,7 +297,7 @@ def test_cost_estimates_count_only_the_tiles_that_run(target):
 
     def forward_flops(query_length=1024, **options):
         fn = lambda q, *a: kernels.rewired_attention(
-            q[:, 1024 - query_length:], *a, target=target, beta=1.0,
+            q[:, 1024 - query_length:], *a, implementation=target, beta=1.0,
             runway_coefficient="bilinear", runway_span="exact", segment_ids=None, scale=None,
             block_sizes=common.BlockSizes(64, 64), **options)
         return sum(pallas_flops(fn, *args))

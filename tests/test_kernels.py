@@ -18,7 +18,7 @@ from runway_jax import attention, kernels
 from runway_jax.kernels import common, reference
 from test_attention import make_inputs, make_segments
 
-TARGETS = kernels.TARGETS
+TARGETS = kernels.KERNELS
 NAMES = ["query", "key", "value", "runway_query", "runway_key"]
 SMALL_BLOCKS = common.BlockSizes(block_q=8, block_k=8, heads_per_program=2)
 
@@ -33,9 +33,14 @@ CASES = {
 }
 
 
+def interpreted(target):
+    """The implementation that runs ``target``'s kernels in Pallas interpret mode."""
+    return target + kernels.INTERPRET_SUFFIX
+
+
 def fused(target, block_sizes, inputs, **options):
-    return kernels.rewired_attention(*inputs, target=target, block_sizes=block_sizes,
-                                     interpret=True, scale=None, **options)
+    return kernels.rewired_attention(*inputs, implementation=interpreted(target),
+                                     block_sizes=block_sizes, scale=None, **options)
 
 
 def test_gpu_pads_heads_to_a_multiple_of_the_group():
@@ -78,8 +83,10 @@ def test_kernel_residuals_equal_the_reference_twin(target):
     inputs = make_inputs(22, batch, length, heads, kv_heads, width)
     plan = common.plan(length, blocks)
     arrays = common.to_kernel_layout(*inputs, make_segments(22, batch, length), plan)
-    options = dict(plan=plan, beta=0.8, coefficient=coefficient, span=span, scale=width ** -0.5)
-    got = kernels.forward(*arrays, target=target, block_sizes=blocks, interpret=True, **options)
+    options = dict(plan=plan, beta=0.8, runway_coefficient=coefficient, runway_span=span,
+                   scale=width ** -0.5)
+    got = kernels.forward(*arrays, implementation=interpreted(target), block_sizes=blocks,
+                          **options)
     want = reference.batched_rewired_forward(*arrays, **options)
     for name, g, w in zip(["out", "lse", "runway_lse", "u"], got, want):
         assert g.shape == w.shape, name
@@ -91,7 +98,8 @@ def twin_residuals(seed, coefficient, span, blocks=SMALL_BLOCKS, batch=2, length
     inputs = make_inputs(seed, batch, length, heads, kv_heads, width)
     plan = common.plan(length, blocks)
     arrays = common.to_kernel_layout(*inputs, make_segments(seed, batch, length), plan)
-    options = dict(plan=plan, beta=0.8, coefficient=coefficient, span=span, scale=width ** -0.5)
+    options = dict(plan=plan, beta=0.8, runway_coefficient=coefficient, runway_span=span,
+                   scale=width ** -0.5)
     forward = reference.batched_rewired_forward(*arrays, **options)
     out_grad = jax.random.normal(jax.random.key(seed + 1), forward[0].shape)
     out_grad = jnp.where(jnp.arange(plan.padded_length)[:, None] < length, out_grad, 0.0)  # padding
@@ -138,8 +146,9 @@ def test_reference_twin_matches_dense_reference(span):
     segments = make_segments(23, 1, 13)
     plan = common.plan(13, common.BlockSizes(8, 8))
     arrays = common.to_kernel_layout(*inputs, segments, plan)
-    out, *_ = reference.batched_rewired_forward(*arrays, plan=plan, beta=1.0, coefficient="dot",
-                                                span=span, scale=8 ** -0.5)
+    out, *_ = reference.batched_rewired_forward(*arrays, plan=plan, beta=1.0,
+                                                runway_coefficient="dot", runway_span=span,
+                                                scale=8 ** -0.5)
     want = attention.rewired_attention(*inputs, beta=1.0, runway_coefficient="dot",
                                        runway_span=span, segment_ids=segments,
                                        implementation="reference")
@@ -172,10 +181,10 @@ def test_beta_zero_and_causal_attention_are_standard_attention(target):
     want = attention.causal_attention(query, key, value, segment_ids=segments,
                                       implementation="reference")
     causal = attention.causal_attention(query, key, value, segment_ids=segments,
-                                        implementation=target, interpret=True)
+                                        implementation=interpreted(target))
     rewired = attention.rewired_attention(query, key, value, runway_query, runway_key, beta=0.0,
                                           runway_span="prefix", segment_ids=segments,
-                                          implementation=target, interpret=True)
+                                          implementation=interpreted(target))
     np.testing.assert_allclose(causal, want, atol=1e-5, rtol=0)
     np.testing.assert_allclose(rewired, want, atol=1e-5, rtol=0)
 
@@ -234,7 +243,7 @@ def test_lowers_for_its_platform_forward_and_backward(target, span):
     segments = shape((b, t), jnp.int32)
 
     def forward(q, k, v, rq, rk, s):
-        return kernels.rewired_attention(q, k, v, rq, rk, target=target, beta=1.0,
+        return kernels.rewired_attention(q, k, v, rq, rk, implementation=target, beta=1.0,
                                          runway_coefficient="bilinear", runway_span=span,
                                          segment_ids=s, scale=None)
 
@@ -267,7 +276,8 @@ def test_lowers_with_the_options_of_method_7(target):
     def loss_gradients(q, k, v, rq, rk, beta, lengths):
         def loss(*a):
             out = kernels.rewired_attention(
-                *a, target=target, beta=beta, runway_coefficient="dot", runway_span="prefix",
+                *a, implementation=target, beta=beta, runway_coefficient="dot",
+                runway_span="prefix",
                 segment_ids=None, scale=None, local_window_size=100, logits_soft_cap=20.0,
                 key_value_seq_lengths=lengths)
             return out.astype(jnp.float32).sum()
@@ -292,7 +302,8 @@ def test_every_pallas_call_carries_a_cost_estimate(target):
     args = [shape((1, 16, 2, 8), jnp.float32)] * 3 + [shape((1, 16, 8), jnp.float32)] * 2
 
     def loss(*a):
-        return kernels.rewired_attention(*a, target=target, beta=1.0, runway_coefficient="dot",
+        return kernels.rewired_attention(*a, implementation=target, beta=1.0,
+                                         runway_coefficient="dot",
                                          runway_span="exact", segment_ids=None, scale=None).sum()
 
     text = str(jax.make_jaxpr(jax.value_and_grad(loss, argnums=range(5)))(*args))
@@ -324,14 +335,32 @@ def test_selection_on_cpu():
     assert not uses_kernel(call(None), *inputs)  # None on CPU: xla
     # A sequence falls back past kernels that cannot run here ...
     assert not uses_kernel(call(("pallas_tpu", "pallas_gpu", "xla")), *inputs)
-    # ... and takes the first that can (interpret mode makes the kernels runnable on CPU).
-    assert uses_kernel(call(("pallas_gpu", "xla"), interpret=True), *inputs)
-    with kernels.interpret_mode():
-        assert uses_kernel(call("pallas_tpu"), *inputs)
+    # ... and takes the first that can (the interpret-mode kernels run anywhere).
+    assert uses_kernel(call(("pallas_tpu", "pallas_gpu_interpret", "xla")), *inputs)
+    assert uses_kernel(call("pallas_tpu_interpret"), *inputs)
     # ALiBi is not in the kernels: None and sequences fall back to xla, a lone name raises.
     slopes = jnp.array([0.5, 0.25])
-    assert not uses_kernel(call(("pallas_tpu", "xla"), interpret=True, alibi_slopes=slopes),
-                           *inputs)
+    assert not uses_kernel(call(("pallas_tpu_interpret", "xla"), alibi_slopes=slopes), *inputs)
+
+
+def test_implementation_names_agree_between_layers():
+    """Every kernel implementation (and its interpret twin) is a name the configs accept."""
+    from runway_jax.attention_config import IMPLEMENTATIONS
+
+    assert set(kernels.IMPLEMENTATIONS) <= set(IMPLEMENTATIONS) == set(attention.IMPLEMENTATIONS)
+    assert kernels.kernel_of("pallas_gpu_interpret") == ("pallas_gpu", True)
+    assert kernels.kernel_of("pallas_tpu") == ("pallas_tpu", False)
+    with pytest.raises(ValueError, match="'xla' is not one of"):
+        kernels.kernel_of("xla")
+
+
+def test_interpret_is_not_a_separate_switch():
+    """Interpret mode is chosen by the implementation's name only: the public functions have no
+    ``interpret`` keyword that could contradict it (or be ignored by the "xla" path)."""
+    inputs = make_inputs(27, 1, 9, 2, 2, 8)
+    for fn in (attention.rewired_attention, attention.causal_attention):
+        with pytest.raises(TypeError, match="interpret"):
+            fn(*inputs[:3], implementation="xla", interpret=True)
 
 
 def test_model_config_takes_a_fallback_order_as_a_comma_separated_string():
@@ -354,8 +383,8 @@ def test_model_config_takes_a_fallback_order_as_a_comma_separated_string():
 BAD_SELECTIONS = [
     ("needs a TPU", dict(implementation="pallas_tpu")),
     ("needs a GPU", dict(implementation="pallas_gpu")),
-    ("interpret=True", dict(implementation="pallas_gpu")),
-    ("ALiBi", dict(implementation="pallas_tpu", interpret=True, alibi_slopes=jnp.ones(2))),
+    ("implementation='pallas_gpu_interpret'", dict(implementation="pallas_gpu")),
+    ("ALiBi", dict(implementation="pallas_tpu_interpret", alibi_slopes=jnp.ones(2))),
     ("none of implementation=('pallas_tpu', 'pallas_gpu')",
      dict(implementation=("pallas_tpu", "pallas_gpu"))),
     ("implementation='triton'", dict(implementation=("pallas_tpu", "triton"))),
@@ -373,10 +402,10 @@ def test_implementation_that_cannot_run_raises_one_line(needle, kwargs):
 def test_gpu_kernel_rejects_non_power_of_two_width_and_traced_scale():
     inputs = make_inputs(29, 1, 5, 2, 2, 12)
     with pytest.raises(ValueError, match="power of two"):
-        attention.rewired_attention(*inputs, implementation="pallas_gpu", interpret=True)
+        attention.rewired_attention(*inputs, implementation="pallas_gpu_interpret")
     with pytest.raises(ValueError, match="traced scale"):
         jax.jit(lambda s: attention.rewired_attention(
-            *inputs, scale=s, implementation="pallas_tpu", interpret=True))(0.3)
+            *inputs, scale=s, implementation="pallas_tpu_interpret"))(0.3)
 
 
 @pytest.mark.parametrize("kwargs,needle", [
@@ -409,14 +438,14 @@ def test_kernels_run_sharded_inside_jit_on_eight_devices():
         *a, implementation="reference", **options).sum(), argnums=range(5))(*inputs)
 
     def loss(*a):
-        return attention.rewired_attention(*a, implementation="pallas_tpu", interpret=True,
+        return attention.rewired_attention(*a, implementation="pallas_tpu_interpret",
                                            **options).sum()
 
     with jax.set_mesh(mesh):
         batch_sharded = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
         sharded = [jax.device_put(x, batch_sharded) for x in inputs]
         out = jax.jit(lambda *a: attention.rewired_attention(
-            *a, implementation="pallas_tpu", interpret=True, **options))(*sharded)
+            *a, implementation="pallas_tpu_interpret", **options))(*sharded)
         grads = jax.jit(jax.grad(loss, argnums=range(5)))(*sharded)
     assert out.sharding.spec == PartitionSpec(("data", "fsdp"), None, "model")
     assert kernels.sharding.devices_used(mesh, 4, 4, 2) == 8
@@ -427,8 +456,9 @@ def test_kernels_run_sharded_inside_jit_on_eight_devices():
 
 @pytest.mark.slow
 def test_training_with_kernel_attention_on_eight_devices(tmp_path):
-    """A model configured with attention_implementation="pallas_tpu" trains inside the sharded
-    training jit (data x fsdp x model mesh), in interpret mode, and matches the xla run."""
+    """A model configured with attention_implementation="pallas_tpu_interpret" (the TPU kernel in
+    interpret mode) trains inside the sharded training jit (data x fsdp x model mesh) and matches
+    the xla run."""
     from runway_jax.config import model_preset
     from runway_jax.data import DataConfig
     from runway_jax.training import TrainConfig, train_and_evaluate
@@ -443,8 +473,7 @@ def test_training_with_kernel_attention_on_eight_devices(tmp_path):
             steps=2, log_every=1, eval_every=100, eval_batches=1, checkpoint_every=100,
             warmup_steps=1, lr=3e-3, mesh_data=2, mesh_fsdp=2, mesh_model=2)
 
-    with kernels.interpret_mode():
-        kernel_run = train_and_evaluate(config("pallas_tpu"), str(tmp_path / "kernel"),
-                                        log=lambda *_: None)
+    kernel_run = train_and_evaluate(config("pallas_tpu_interpret"), str(tmp_path / "kernel"),
+                                    log=lambda *_: None)
     xla_run = train_and_evaluate(config("xla"), str(tmp_path / "xla"), log=lambda *_: None)
     np.testing.assert_allclose(kernel_run["losses"], xla_run["losses"], atol=1e-4, rtol=0)

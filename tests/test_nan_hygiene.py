@@ -89,10 +89,10 @@ def rewired(implementation, beta=0.8, **options):
         return lambda *a: blockwise.rewired_attention(
             *a[:5], segment_ids=a[5], beta=beta, scale=WIDTH ** -0.5, alibi_slopes=None,
             runway_alibi_slope=None, query_block=8, key_block=4, **options)
-    if implementation in kernels.TARGETS:
+    if implementation in kernels.KERNELS:
         return lambda *a: kernels.rewired_attention(
-            *a[:5], segment_ids=a[5], target=implementation, beta=beta, scale=None,
-            block_sizes=SMALL_BLOCKS, interpret=True, **options)
+            *a[:5], segment_ids=a[5], implementation=implementation + kernels.INTERPRET_SUFFIX,
+            beta=beta, scale=None, block_sizes=SMALL_BLOCKS, **options)
     return lambda *a: attention.rewired_attention(
         *a[:5], segment_ids=a[5], implementation=implementation, beta=beta, **options)
 
@@ -100,7 +100,7 @@ def rewired(implementation, beta=0.8, **options):
 # Both spans with both coefficient kinds where it is cheap; the interpret-mode kernels pair them.
 FAST = [(i, c, s) for i in ("reference", "xla", "xla_small_blocks")
         for c in ("bilinear", "dot") for s in ("exact", "prefix")]
-KERNEL = [(t, c, s) for t in kernels.TARGETS for c, s in (("bilinear", "exact"), ("dot", "prefix"))]
+KERNEL = [(t, c, s) for t in kernels.KERNELS for c, s in (("bilinear", "exact"), ("dot", "prefix"))]
 
 
 @pytest.mark.parametrize("implementation,coefficient,span", FAST + KERNEL)
@@ -123,15 +123,15 @@ def test_beta_zero_ignores_a_poisoned_runway_head(implementation):
 
 
 def causal(implementation):
-    if implementation in kernels.TARGETS:
+    if implementation in kernels.KERNELS:
         return lambda q, k, v, s: kernels.causal_attention(
-            q, k, v, segment_ids=s, target=implementation, scale=None, block_sizes=SMALL_BLOCKS,
-            interpret=True)
+            q, k, v, segment_ids=s, implementation=implementation + kernels.INTERPRET_SUFFIX,
+            scale=None, block_sizes=SMALL_BLOCKS)
     return lambda q, k, v, s: attention.causal_attention(q, k, v, segment_ids=s,
                                                          implementation=implementation)
 
 
-@pytest.mark.parametrize("implementation", ["reference", "xla", *kernels.TARGETS])
+@pytest.mark.parametrize("implementation", ["reference", "xla", *kernels.KERNELS])
 def test_causal_attention_keeps_poison_behind_the_masks(implementation):
     check(causal(implementation), NAMES[:3])
 

@@ -62,11 +62,12 @@ def test_train_step_benchmark_runs_and_writes_json(tmp_path):
 def test_decode_benchmark_runs_and_writes_json(tmp_path):
     out = tmp_path / "decode.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--lengths=16",
-                    "--tokens=2", "--prompt=8", "--preset=tiny", f"--out={out}"],
+                    "--tokens=2", "--repeats=2", "--prompt=8", "--preset=tiny", f"--out={out}"],
                    check=True, capture_output=True, timeout=600)
     results = json.loads(out.read_text())
     row = results["rows"][0]
-    assert row["cache_length"] == 16 and row["ratio"] > 0
+    assert row["cache_length"] == 16 and row["rounds"] == 2 and row["ratio"] > 0
+    assert row["ratio_range"][0] <= row["ratio"] <= row["ratio_range"][1]
     assert results["prefill"]["rewired"]["prompt_tokens"] == 8
     assert results["prefill"]["baseline"]["parallel_tokens_per_second"] > 0
 

@@ -40,8 +40,6 @@ out).
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 
@@ -52,58 +50,57 @@ from runway_jax.kernels import common, gpu, tpu
 from runway_jax.kernels.common import BlockSizes
 from runway_jax.masking import poison_rows, quarantine_nonfinite
 
-TARGETS = ("pallas_tpu", "pallas_gpu")
-
-_FORCED_INTERPRET = contextvars.ContextVar("runway_jax_kernels_interpret", default=False)
-
-
-@contextlib.contextmanager
-def interpret_mode():
-    """Within this context every kernel call runs in Pallas interpret mode, as if called with
-    ``interpret=True`` (and the implementation selection treats the kernels as runnable on CPU).
-    For CPU tests of code that does not expose ``interpret``, e.g. a model configured with
-    ``attention_implementation="pallas_tpu"`` inside the training loop."""
-    token = _FORCED_INTERPRET.set(True)
-    try:
-        yield
-    finally:
-        _FORCED_INTERPRET.reset(token)
+KERNELS = ("pallas_tpu", "pallas_gpu")
+# Each kernel also runs in Pallas interpret mode, on any backend (slow: for CPU tests). Interpret
+# mode is part of the implementation's name, so one value (a model config's, a call's) says
+# everything about how attention runs, and a jit cache keyed on it cannot run the wrong one.
+INTERPRET_SUFFIX = "_interpret"
+IMPLEMENTATIONS = KERNELS + tuple(kernel + INTERPRET_SUFFIX for kernel in KERNELS)
 
 
-def interpret_forced() -> bool:
-    return _FORCED_INTERPRET.get()
+def kernel_of(implementation: str) -> tuple[str, bool]:
+    """``(kernel, interpret)`` of a kernel implementation name: ``"pallas_tpu_interpret"`` is
+    ``("pallas_tpu", True)``."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r} is not one of {IMPLEMENTATIONS}.")
+    kernel = implementation.removesuffix(INTERPRET_SUFFIX)
+    return kernel, kernel != implementation
 
 
-def default_block_sizes(target: str) -> BlockSizes:
-    return BlockSizes.tpu_default() if target == "pallas_tpu" else BlockSizes.gpu_default()
+def default_block_sizes(implementation: str) -> BlockSizes:
+    kernel, _ = kernel_of(implementation)
+    return BlockSizes.tpu_default() if kernel == "pallas_tpu" else BlockSizes.gpu_default()
 
 
-def forward(*arrays, target, plan, beta, coefficient, span, scale, block_sizes, interpret,
-            cap=None, runway=None):
-    """Run one target's forward kernels on :class:`runway_jax.kernels.common.KernelInputs`:
-    ``(out, lse, runway_lse, u)``."""
-    options = dict(plan=plan, beta=beta, coefficient=coefficient, span=span, scale=scale,
-                   cap=cap, runway=runway, interpret=interpret)
-    if target == "pallas_tpu":
+def forward(*arrays, implementation, plan, beta, runway_coefficient, runway_span, scale,
+            block_sizes, cap=None, runway=None):
+    """Run one implementation's forward kernels on
+    :class:`runway_jax.kernels.common.KernelInputs`: ``(out, lse, runway_lse, u)``."""
+    kernel, interpret = kernel_of(implementation)
+    options = dict(plan=plan, beta=beta, runway_coefficient=runway_coefficient,
+                   runway_span=runway_span,
+                   scale=scale, cap=cap, runway=runway, interpret=interpret)
+    if kernel == "pallas_tpu":
         return tpu.forward(*arrays, **options)
     return gpu.forward(*arrays, block_sizes=block_sizes, **options)
 
 
-def rewired_attention(query, key, value, runway_query, runway_key, *, target, beta,
+def rewired_attention(query, key, value, runway_query, runway_key, *, implementation, beta,
                       runway_coefficient, runway_span, segment_ids, scale, local_window_size=None,
-                      logits_soft_cap=None, key_value_seq_lengths=None, block_sizes=None,
-                      interpret=False):
-    """METHOD eq. (3) with the options of (7) by the fused kernels of ``target``; shapes as the
-    public function (``query`` ``[B, Tq, H, d]``, the last ``Tq <= Tk`` positions).
+                      logits_soft_cap=None, key_value_seq_lengths=None, block_sizes=None):
+    """METHOD eq. (3) with the options of (7) by the fused kernels of ``implementation`` (one of
+    :data:`IMPLEMENTATIONS`); shapes as the public function (``query`` ``[B, Tq, H, d]``, the
+    last ``Tq <= Tk`` positions).
 
     ``beta`` may be a Python number or a traced scalar (differentiable: ``d s~ / d beta = -rho``).
     ``beta`` the Python number 0 skips the runway head entirely (standard causal attention,
     invariant 1), which is also how :func:`causal_attention` runs on the kernels.
     """
     name = "rewired_attention"
-    if target not in TARGETS:
-        raise ValueError(f"{name}: target={target!r} is not one of {TARGETS}.")
-    block_sizes = block_sizes or default_block_sizes(target)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"{name}: implementation={implementation!r} is not one of "
+                         f"{IMPLEMENTATIONS}.")
+    block_sizes = block_sizes or default_block_sizes(implementation)
     if not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"{name}: block_sizes={block_sizes!r} must be a BlockSizes.")
     if local_window_size is not None and (isinstance(local_window_size, bool) or not isinstance(
@@ -118,11 +115,11 @@ def rewired_attention(query, key, value, runway_query, runway_key, *, target, be
         raise ValueError(f"{name}: beta must be a scalar, got shape {jnp.shape(beta)}.")
     width = query.shape[-1]
     runway = common.runs_runway_head(beta)
-    options = _Options(target=target, runway=runway, coefficient=runway_coefficient,
-                       span=runway_span, scale=common.scale_as_float(scale, width),
-                       window=local_window_size,
+    options = _Options(implementation=implementation, runway=runway,
+                       runway_coefficient=runway_coefficient, runway_span=runway_span,
+                       scale=common.scale_as_float(scale, width), window=local_window_size,
                        cap=None if logits_soft_cap is None else float(logits_soft_cap),
-                       block_sizes=block_sizes, interpret=bool(interpret) or interpret_forced())
+                       block_sizes=block_sizes)
     if segment_ids is None:
         segment_ids = jnp.zeros(key.shape[:2], jnp.int32)
     # The tiles' products would carry a NaN past the masks (0 * NaN): quarantine them here, out
@@ -136,41 +133,44 @@ def rewired_attention(query, key, value, runway_query, runway_key, *, target, be
                        poisoned)
 
 
-def causal_attention(query, key, value, *, target, segment_ids, scale, local_window_size=None,
-                     logits_soft_cap=None, key_value_seq_lengths=None, block_sizes=None,
-                     interpret=False):
+def causal_attention(query, key, value, *, implementation, segment_ids, scale,
+                     local_window_size=None, logits_soft_cap=None, key_value_seq_lengths=None,
+                     block_sizes=None):
     """Standard causal attention on the same kernels (``beta = 0``: no runway work at all)."""
     runway = jnp.zeros(key.shape[:2] + key.shape[3:], query.dtype)
-    return rewired_attention(query, key, value, runway, runway, target=target, beta=0.0,
+    return rewired_attention(query, key, value, runway, runway, implementation=implementation,
+                             beta=0.0,
                              runway_coefficient="bilinear", runway_span="prefix",
                              segment_ids=segment_ids, scale=scale,
                              local_window_size=local_window_size,
                              logits_soft_cap=logits_soft_cap,
                              key_value_seq_lengths=key_value_seq_lengths,
-                             block_sizes=block_sizes, interpret=interpret)
+                             block_sizes=block_sizes)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Options:
     """The static options of one call (hashable: the ``nondiff_argnums`` of the custom_vjp)."""
 
-    target: str
+    implementation: str
     runway: bool
-    coefficient: str
-    span: str
+    runway_coefficient: str
+    runway_span: str
     scale: float
     window: int | None
     cap: float | None
     block_sizes: BlockSizes
-    interpret: bool
 
     def plan(self, query, key, key_value_seq_lengths):
         return common.plan(query.shape[1], self.block_sizes, key_length=key.shape[1],
                            window=self.window, ragged=key_value_seq_lengths is not None)
 
     def kernel_options(self, plan):
-        return dict(plan=plan, coefficient=self.coefficient, span=self.span, scale=self.scale,
-                    cap=self.cap, runway=self.runway, interpret=self.interpret)
+        """Keywords of the target files' ``forward``/``backward`` (:mod:`tpu`, :mod:`gpu`)."""
+        _, interpret = kernel_of(self.implementation)
+        return dict(plan=plan, runway_coefficient=self.runway_coefficient,
+                    runway_span=self.runway_span,
+                    scale=self.scale, cap=self.cap, runway=self.runway, interpret=interpret)
 
 
 def _run_forward(options, query, key, value, runway_query, runway_key, beta, segment_ids,
@@ -181,8 +181,10 @@ def _run_forward(options, query, key, value, runway_query, runway_key, beta, seg
     arrays = common.to_kernel_layout(query, key, value, runway_query, runway_key, segment_ids,
                                      plan, key_value_seq_lengths)
     out, lse, runway_lse, summary = forward(
-        *arrays, target=options.target, beta=beta, block_sizes=options.block_sizes,
-        **options.kernel_options(plan))
+        *arrays, implementation=options.implementation, plan=plan, beta=beta,
+        runway_coefficient=options.runway_coefficient, runway_span=options.runway_span,
+        scale=options.scale, block_sizes=options.block_sizes, cap=options.cap,
+        runway=options.runway)
     return (common.from_kernel_layout(out, query.shape[1]),
             (*arrays, out, lse, runway_lse, summary, beta))
 
@@ -213,7 +215,7 @@ def _fused_backward(options, residuals, cotangent):
     plan = options.plan(query, key, key_value_seq_lengths)
     out_grad = jnp.swapaxes(common.pad_length(cotangent, plan.padded_query_length), 1, 2)
     backward_options = dict(options.kernel_options(plan), beta=beta)
-    if options.target == "pallas_tpu":
+    if kernel_of(options.implementation)[0] == "pallas_tpu":
         grads = tpu.backward(*kernel_residuals, out_grad, **backward_options)
     else:
         grads = gpu.backward(*kernel_residuals, out_grad, block_sizes=options.block_sizes,

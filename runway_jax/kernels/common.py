@@ -423,7 +423,7 @@ def runway_summary(weighted_values, runway_lse, runway_query_rows, runway_key_ro
 
 
 def runway_coefficients_tile(probs, summary, earlier, values_block, keys_block, visible, distance,
-                             *, span, scale):
+                             *, runway_span, scale):
     """``rho_IJ`` of METHOD eq. (3b) for one tile, float32 ``[Bq, Bk]``.
 
     Args:
@@ -436,7 +436,7 @@ def runway_coefficients_tile(probs, summary, earlier, values_block, keys_block, 
     keeping ``k <= j``, masked to ``i - j >= 2`` (empty runways are exactly zero, METHOD (6) item
     3). Prefix: ``rho_ij = scale * <u_i, z_j>`` for visible ``j <= i``.
     """
-    if span == "prefix":
+    if runway_span == "prefix":
         return jnp.where(visible, scale * dot(summary, keys_block, transpose_b=True), 0.0)
     within = dot(values_block, keys_block, transpose_b=True)  # [Bk(k), Bk(j)] <w_k, z_j>
     k_index = jax.lax.broadcasted_iota(jnp.int32, within.shape, 0)
@@ -482,7 +482,7 @@ def computed_tiles(length, block_q=128, block_k=128, *, window=None, query_lengt
     return tiles_that_run(plan_), plan_
 
 
-def forward_cost(batch, length, heads, kv_heads, width, itemsize, *, span, block_q=128,
+def forward_cost(batch, length, heads, kv_heads, width, itemsize, *, runway_span, block_q=128,
                  block_k=128, runway=True, head_groups=1, window=None, query_length=None,
                  soft_cap=False):
     """``(flops, transcendentals, hbm_bytes)`` of the two forward pallas_calls (METHOD (3c)).
@@ -500,16 +500,17 @@ def forward_cost(batch, length, heads, kv_heads, width, itemsize, *, span, block
     """
     plan_ = plan(length if query_length is None else query_length,
                  BlockSizes(block_q=block_q, block_k=block_k), key_length=length, window=window)
-    return plan_forward_cost(batch, plan_, heads, kv_heads, width, itemsize, span=span,
+    return plan_forward_cost(batch, plan_, heads, kv_heads, width, itemsize,
+                             runway_span=runway_span,
                              runway=runway, head_groups=head_groups, soft_cap=soft_cap)
 
 
-def plan_forward_cost(batch, plan_, heads, kv_heads, width, itemsize, *, span, runway=True,
+def plan_forward_cost(batch, plan_, heads, kv_heads, width, itemsize, *, runway_span, runway=True,
                       head_groups=1, soft_cap=False):
     """:func:`forward_cost` of a call planned as ``plan_``."""
     tiles = tiles_that_run(plan_)
     tile = plan_.block_q * plan_.block_k
-    runway_products = (5 if span == "exact" else 1) * head_groups + 2 if runway else 0
+    runway_products = (5 if runway_span == "exact" else 1) * head_groups + 2 if runway else 0
     flops = 2 * tiles * tile * width * (2 * heads + runway_products)
     exponentials = heads + (head_groups + 1 if runway else 0)
     transcendentals = tiles * tile * exponentials * (2 if soft_cap else 1)
@@ -525,14 +526,14 @@ def plan_forward_cost(batch, plan_, heads, kv_heads, width, itemsize, *, span, r
     return batch * flops, batch * transcendentals, batch * hbm_bytes
 
 
-def backward_cost(batch, length, heads, kv_heads, width, itemsize, *, span, block_q=128,
+def backward_cost(batch, length, heads, kv_heads, width, itemsize, *, runway_span, block_q=128,
                   block_k=128, head_groups=1, window=None, query_length=None, soft_cap=False):
     """Backward model: a fused flash-style backward (METHOD (3d)) recomputes the forward's tile
     products and adds the gradient products, about 2.5x the forward FLOPs in all as for
     FlashAttention-2, and moves about twice the forward's bytes (gradients written, dO read).
     The kernels here recompute the tiles in both backward passes, so they do somewhat more."""
     flops, transcendentals, hbm_bytes = forward_cost(
-        batch, length, heads, kv_heads, width, itemsize, span=span, block_q=block_q,
+        batch, length, heads, kv_heads, width, itemsize, runway_span=runway_span, block_q=block_q,
         block_k=block_k, head_groups=head_groups, window=window, query_length=query_length,
         soft_cap=soft_cap)
     return int(2.5 * flops), 2 * transcendentals, 2 * hbm_bytes
@@ -548,7 +549,7 @@ def runway_statistics_cost(batch, plan_, width, itemsize, soft_cap=False):
             batch * hbm_bytes)
 
 
-def cost_estimate(pl_module, batch, heads, kv_heads, width, itemsize, *, plan_, span=None,
+def cost_estimate(pl_module, batch, heads, kv_heads, width, itemsize, *, plan_, runway_span=None,
                   runway=True, statistics_pass=False, head_groups=1, soft_cap=False):
     """``pl.CostEstimate`` of one pallas_call: the statistics pass, or the main pass (the whole
     forward minus the statistics pass)."""
@@ -557,7 +558,7 @@ def cost_estimate(pl_module, batch, heads, kv_heads, width, itemsize, *, plan_, 
         flops, transcendentals, hbm_bytes = stats
     else:
         flops, transcendentals, hbm_bytes = plan_forward_cost(
-            batch, plan_, heads, kv_heads, width, itemsize, span=span, runway=runway,
+            batch, plan_, heads, kv_heads, width, itemsize, runway_span=runway_span, runway=runway,
             head_groups=head_groups, soft_cap=soft_cap)
         if runway:
             flops, transcendentals, hbm_bytes = (a - b for a, b in zip(
@@ -566,8 +567,8 @@ def cost_estimate(pl_module, batch, heads, kv_heads, width, itemsize, *, plan_, 
                                   bytes_accessed=int(hbm_bytes))
 
 
-def backward_pass_estimate(pl_module, batch, heads, kv_heads, width, itemsize, *, plan_, span,
-                           runway=True, key_pass, head_groups=1, soft_cap=False):
+def backward_pass_estimate(pl_module, batch, heads, kv_heads, width, itemsize, *, plan_,
+                           runway_span, runway=True, key_pass, head_groups=1, soft_cap=False):
     """``pl.CostEstimate`` of one backward pallas_call (METHOD (3d)), per computed tile in units
     of ``Bq Bk d`` multiply-adds. Query pass: the heads' ``QK^T``, ``dO V^T``, ``dS K`` (3H), the
     runway recomputation (5 exact / 1 prefix, plus its logits) and ``d rho`` terms (2). Key pass:
@@ -576,11 +577,12 @@ def backward_pass_estimate(pl_module, batch, heads, kv_heads, width, itemsize, *
     runway terms once per head group (see :func:`forward_cost`)."""
     tiles = tiles_that_run(plan_)
     tile = plan_.block_q * plan_.block_k
-    recompute = (6 if span == "exact" else 2) if runway else 0
+    recompute = (6 if runway_span == "exact" else 2) if runway else 0
     runway_units = recompute + (10 if key_pass else 2) if runway else 0
     units = (4 if key_pass else 3) * heads + runway_units * head_groups
     _, _, forward_bytes = plan_forward_cost(batch, plan_, heads, kv_heads, width, itemsize,
-                                            span=span, runway=runway, head_groups=head_groups)
+                                            runway_span=runway_span, runway=runway,
+                                            head_groups=head_groups)
     exponentials = heads + (head_groups if runway else 0)
     return pl_module.CostEstimate(
         flops=int(batch * 2 * tiles * tile * width * units),
@@ -592,7 +594,7 @@ def standard_attention_cost(batch, length, heads, kv_heads, width, itemsize, blo
                             block_k=128, window=None):
     """``(flops, hbm_bytes)`` of standard causal flash attention forward, counted the same way."""
     flops, _, hbm_bytes = forward_cost(batch, length, heads, kv_heads, width, itemsize,
-                                       span="prefix", block_q=block_q, block_k=block_k,
+                                       runway_span="prefix", block_q=block_q, block_k=block_k,
                                        runway=False, window=window)
     return flops, hbm_bytes
 
@@ -616,7 +618,7 @@ def runs_runway_head(beta) -> bool:
 
 
 def runway_gradients(dq, dk, dv, d_runway_query_rows, d_runway_key, dz, dw, rho_dot, offsets, *,
-                     plan, coefficient):
+                     plan, runway_coefficient):
     """The backward kernels' outputs put together: ``(dq, dk, dv, d runway_query, d runway_key,
     d beta)``, the runway gradients on the key side ``[B, Tkp, d]``.
 
@@ -627,7 +629,7 @@ def runway_gradients(dq, dk, dv, d_runway_query_rows, d_runway_key, dz, dw, rho_
     """
     d_runway_query = rows_to_keys(d_runway_query_rows, offsets, plan)
     d_runway_key = d_runway_key + dz
-    if coefficient == "bilinear":
+    if runway_coefficient == "bilinear":
         d_runway_query = d_runway_query + dw
     else:
         d_runway_key = d_runway_key + dw
@@ -658,7 +660,7 @@ def head_backward_tile(query_rows, key_block, value_block, out_grad_rows, lse_ro
     return probs, dlogits if slope is None else dlogits * slope
 
 
-def runway_backward_tile(probs, drho, distance, values_block, keys_block, *, span, scale,
+def runway_backward_tile(probs, drho, distance, values_block, keys_block, *, runway_span, scale,
                          prefix_sum=None, summary_grad=None, earlier=None, summary=None):
     """The runway head's gradients on one tile, METHOD (3d), given ``d rho_IJ``.
 
@@ -676,7 +678,7 @@ def runway_backward_tile(probs, drho, distance, values_block, keys_block, *, spa
     """
     before = distance >= 1  # k < i
     strict_probs = jnp.where(before, probs, 0.0)
-    if span == "prefix":
+    if runway_span == "prefix":
         dprobs = jnp.where(before, dot(summary_grad, values_block, transpose_b=True), 0.0)
         dz = scale * dot(drho.T, summary)
         dw = dot(strict_probs.T, summary_grad)

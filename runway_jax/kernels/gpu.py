@@ -182,7 +182,7 @@ def runway_statistics(runway_query_rows, runway_key_rows, values_rows, runway_ke
 def _rewired_forward_kernel(query_ref, key_ref, value_ref, runway_query_rows_ref, runway_key_ref,
                             values_ref, runway_lse_ref, summary_ref, positions_ref,
                             query_segments_ref, key_segments_ref, beta_ref, out_ref, lse_ref, *,
-                            plan, runway, span, scale, cap, groups):
+                            plan, runway, runway_span, scale, cap, groups):
     head_group = pl.program_id(2)
     group_heads, width = query_ref.shape[0], query_ref.shape[-1]
     positions = positions_ref[...]
@@ -203,14 +203,14 @@ def _rewired_forward_kernel(query_ref, key_ref, value_ref, runway_query_rows_ref
             values_block = values_ref[cols, :].astype(jnp.float32)  # W_J
             keys_block = runway_key_ref[cols, :].astype(jnp.float32)  # Z_J
             probs = None
-            if span == "exact":  # the prefix span needs no A in this pass
+            if runway_span == "exact":  # the prefix span needs no A in this pass
                 logits = common.runway_logits(runway_query_rows, runway_key_ref[cols, :], scale,
                                               cap)
                 probs = jnp.where(visible, jnp.exp(logits - runway_lse), 0.0)  # A_IJ
             rho = common.runway_coefficients_tile(probs, summary, earlier, values_block,
-                                                  keys_block, visible, distance, span=span,
-                                                  scale=scale)
-            if span == "exact":
+                                                  keys_block, visible, distance,
+                                                  runway_span=runway_span, scale=scale)
+            if runway_span == "exact":
                 earlier = earlier + common.dot(probs, values_block)  # S_I += A_IJ W_J
         new_stats = []
         for h in range(group_heads):  # rho is shared by the heads of the group (METHOD (3c))
@@ -231,8 +231,8 @@ def _rewired_forward_kernel(query_ref, key_ref, value_ref, runway_query_rows_ref
 
 
 def rewired_forward(query, key, value, runway_query_rows, runway_key, values, runway_lse, summary,
-                    positions, query_segments, key_segments, beta, *, plan, runway, span, scale,
-                    cap=None, block_sizes, interpret=False):
+                    positions, query_segments, key_segments, beta, *, plan, runway, runway_span,
+                    scale, cap=None, block_sizes, interpret=False):
     """Pass 2 (METHOD (3c)): ``(out [B, H, Tqp, d], lse [B, H, Tqp, 1])``."""
     real_heads, kv_heads = query.shape[1], key.shape[1]
     _check_width(query.shape[-1])
@@ -244,7 +244,8 @@ def rewired_forward(query, key, value, runway_query_rows, runway_key, values, ru
                               lambda b, i, g: (b, g, i, 0))
     kv_spec = pl.BlockSpec((None, kv_heads, plan.padded_key_length, width),
                            lambda b, i, g: (b, 0, 0, 0))
-    kernel = functools.partial(_rewired_forward_kernel, plan=plan, runway=runway, span=span,
+    kernel = functools.partial(_rewired_forward_kernel, plan=plan, runway=runway,
+                               runway_span=runway_span,
                                scale=scale, cap=cap, groups=real_heads // kv_heads)
     out, lse = pl.pallas_call(
         kernel,
@@ -259,7 +260,8 @@ def rewired_forward(query, key, value, runway_query_rows, runway_key, values, ru
                    jax.ShapeDtypeStruct((batch, heads, padded, 1), jnp.float32)],
         compiler_params=_compiler_params(block_sizes),
         cost_estimate=common.cost_estimate(pl, batch, heads, kv_heads, width,
-                                           query.dtype.itemsize, plan_=plan, span=span,
+                                           query.dtype.itemsize, plan_=plan,
+                                           runway_span=runway_span,
                                            runway=runway, head_groups=heads // group_heads,
                                            soft_cap=cap is not None),
         interpret=interpret,
@@ -274,14 +276,14 @@ def _beta_array(beta):
 
 
 def forward(query, key, value, runway_query, runway_key, segment_ids, query_segments,
-            runway_query_rows, runway_key_rows, offsets, *, plan, beta, coefficient, span, scale,
-            cap=None, runway=None, block_sizes, interpret=False):
+            runway_query_rows, runway_key_rows, offsets, *, plan, beta, runway_coefficient,
+            runway_span, scale, cap=None, runway=None, block_sizes, interpret=False):
     """Both passes on :class:`runway_jax.kernels.common.KernelInputs`: ``(out, lse, runway_lse,
     summary)`` in kernel layout. ``runway`` (default: unless ``beta`` is the Python number 0)
     runs the runway head."""
     runway = common.runs_runway_head(beta) if runway is None else runway
-    values = runway_query if coefficient == "bilinear" else runway_key
-    values_rows = runway_query_rows if coefficient == "bilinear" else runway_key_rows
+    values = runway_query if runway_coefficient == "bilinear" else runway_key
+    values_rows = runway_query_rows if runway_coefficient == "bilinear" else runway_key_rows
     positions = common.row_positions(offsets, plan)
     if not runway:  # standard attention (METHOD (6), invariant 1): no runway work at all
         runway_lse = jnp.zeros(runway_query_rows.shape[:2] + (1,), jnp.float32)
@@ -293,8 +295,8 @@ def forward(query, key, value, runway_query, runway_key, segment_ids, query_segm
             block_sizes=block_sizes, interpret=interpret)
     out, lse = rewired_forward(query, key, value, runway_query_rows, runway_key, values,
                                runway_lse, summary, positions, query_segments, segment_ids, beta,
-                               plan=plan, runway=runway, span=span, scale=scale, cap=cap,
-                               block_sizes=block_sizes, interpret=interpret)
+                               plan=plan, runway=runway, runway_span=runway_span, scale=scale,
+                               cap=cap, block_sizes=block_sizes, interpret=interpret)
     return out, lse, runway_lse, summary
 
 
@@ -304,7 +306,7 @@ def forward(query, key, value, runway_query, runway_key, segment_ids, query_segm
 
 
 def _backward_tile(plan, key_block, cols, head_group, group_heads, groups, refs, rows_data,
-                   earlier, *, runway, beta, span, scale, cap):
+                   earlier, *, runway, beta, runway_span, scale, cap):
     """The per-tile recomputation both backward passes share: masks, ``A_IJ``, ``rho_IJ`` and
     every head's ``(P, dS~)``; returns them with ``d rho`` of this head group and the runway
     logits' soft-cap slope."""
@@ -321,7 +323,8 @@ def _backward_tile(plan, key_block, cols, head_group, group_heads, groups, refs,
             common.runway_logits(runway_query_rows, runway_key_ref[cols, :], scale), cap)
         probs = jnp.where(visible, jnp.exp(logits - runway_lse), 0.0)  # A_IJ
         rho = common.runway_coefficients_tile(probs, summary, earlier, values_block, keys_block,
-                                              visible, distance, span=span, scale=scale)
+                                              visible, distance, runway_span=runway_span,
+                                              scale=scale)
     head_tiles = []
     for h in range(group_heads):
         kv_head = _kv_head(head_group, group_heads, h, groups, key_ref.shape[0])
@@ -329,7 +332,7 @@ def _backward_tile(plan, key_block, cols, head_group, group_heads, groups, refs,
             query_ref[h], key_ref[kv_head, cols, :], value_ref[kv_head, cols, :],
             out_grad_ref[h], lse_ref[h], out_dot_ref[h], rho, visible, beta=beta, scale=scale,
             cap=cap))
-    defined = visible & (distance >= 2) if span == "exact" else visible
+    defined = visible & (distance >= 2) if runway_span == "exact" else visible
     drho = jnp.where(defined, -beta * sum(ds for _, ds in head_tiles), 0.0)
     return distance, probs, rho, values_block, keys_block, head_tiles, drho, slope
 
@@ -338,7 +341,7 @@ def _backward_query_kernel(query_ref, key_ref, value_ref, out_grad_ref, lse_ref,
                            runway_query_rows_ref, runway_key_ref, values_ref, runway_lse_ref,
                            summary_ref, positions_ref, query_segments_ref, key_segments_ref,
                            beta_ref, dq_ref, rho_dot_ref, summary_grad_ref, *, plan, runway,
-                           span, scale, cap, groups):
+                           runway_span, scale, cap, groups):
     """Pass GQ: the group's ``dq``, and its part of ``sum_j rho_ij sum_h dS~^h_ij`` and (prefix)
     ``du``."""
     head_group = pl.program_id(2)
@@ -354,7 +357,7 @@ def _backward_query_kernel(query_ref, key_ref, value_ref, out_grad_ref, lse_ref,
         cols = pl.ds(key_block * plan.block_k, plan.block_k)
         _, probs, rho, values_block, keys_block, head_tiles, drho, _ = _backward_tile(
             plan, key_block, cols, head_group, group_heads, groups, refs, rows_data, earlier,
-            runway=runway, beta=beta, span=span, scale=scale, cap=cap)
+            runway=runway, beta=beta, runway_span=runway_span, scale=scale, cap=cap)
         dq = tuple(dq[h] + scale * common.dot(
             ds.astype(key_ref.dtype),
             key_ref[_kv_head(head_group, group_heads, h, groups, key_ref.shape[0]), cols, :])
@@ -362,7 +365,7 @@ def _backward_query_kernel(query_ref, key_ref, value_ref, out_grad_ref, lse_ref,
         if runway:
             rho_dot = rho_dot + jnp.sum(rho * sum(ds for _, ds in head_tiles), axis=1,
                                         keepdims=True)
-            if span == "prefix":
+            if runway_span == "prefix":
                 summary_grad = summary_grad + scale * common.dot(drho, keys_block)
             else:
                 earlier = earlier + common.dot(probs, values_block)
@@ -384,7 +387,7 @@ def _backward_key_kernel(query_ref, key_ref, value_ref, out_grad_ref, lse_ref, o
                          summary_ref, positions_ref, query_segments_ref, key_segments_ref,
                          beta_ref, delta_ref, summary_grad_ref, dk_in, dv_in, d_runway_key_in,
                          dz_in, dw_in, dk_ref, dv_ref, d_runway_key_ref, dz_ref, dw_ref,
-                         d_runway_query_ref, *, plan, runway, span, scale, cap, groups):
+                         d_runway_query_ref, *, plan, runway, runway_span, scale, cap, groups):
     """Pass GK: key-indexed gradients of the group, added atomically; the group's part of
     ``dq^r``. The runway gradients are linear in ``d rho``, so each head group adds the part
     of its own heads; the terms that do not depend on ``d rho`` (``-A delta``, and for the
@@ -407,7 +410,7 @@ def _backward_key_kernel(query_ref, key_ref, value_ref, out_grad_ref, lse_ref, o
         cols = pl.ds(key_block * plan.block_k, plan.block_k)
         distance, probs, _, values_block, keys_block, head_tiles, drho, slope = _backward_tile(
             plan, key_block, cols, head_group, group_heads, groups, refs, rows_data, earlier,
-            runway=runway, beta=beta, span=span, scale=scale, cap=cap)
+            runway=runway, beta=beta, runway_span=runway_span, scale=scale, cap=cap)
         for h, (probs_h, ds) in enumerate(head_tiles):
             kv_head = _kv_head(head_group, group_heads, h, groups, key_ref.shape[0])
             pltriton.atomic_add(dk_ref, (kv_head, cols, slice(None)),
@@ -416,8 +419,8 @@ def _backward_key_kernel(query_ref, key_ref, value_ref, out_grad_ref, lse_ref, o
                 probs_h.T.astype(out_grad_ref.dtype), out_grad_ref[h]))
         if runway:
             dprobs, dz, dw = common.runway_backward_tile(
-                probs, drho, distance, values_block, keys_block, span=span, scale=scale,
-                prefix_sum=prefix_sum, summary_grad=summary_grad, earlier=earlier,
+                probs, drho, distance, values_block, keys_block, runway_span=runway_span,
+                scale=scale, prefix_sum=prefix_sum, summary_grad=summary_grad, earlier=earlier,
                 summary=rows_data[2])
             dlogits = probs * (dprobs - delta)
             if slope is not None:
@@ -427,7 +430,7 @@ def _backward_key_kernel(query_ref, key_ref, value_ref, out_grad_ref, lse_ref, o
                 dlogits.T, runway_query_rows.astype(jnp.float32)))
             pltriton.atomic_add(dz_ref, (cols, slice(None)), dz)
             pltriton.atomic_add(dw_ref, (cols, slice(None)), dw)
-            if span == "exact":
+            if runway_span == "exact":
                 earlier = earlier + common.dot(probs, values_block)
                 prefix_sum = prefix_sum + common.dot(drho, keys_block)
         return earlier, prefix_sum, d_runway_query
@@ -440,7 +443,7 @@ def _backward_key_kernel(query_ref, key_ref, value_ref, out_grad_ref, lse_ref, o
 
 def backward(query, key, value, runway_query, runway_key, segment_ids, query_segments,
              runway_query_rows, runway_key_rows, offsets, out, lse, runway_lse, summary,
-             out_grad, *, plan, beta, coefficient, span, scale, cap=None, runway=None,
+             out_grad, *, plan, beta, runway_coefficient, runway_span, scale, cap=None, runway=None,
              block_sizes, interpret=False):
     """METHOD (3d) on GPU; float32 ``(dq, dk, dv, d runway_query, d runway_key, d beta)``, the
     first five in kernel layout (the runway gradients on the key side). Both passes run on the
@@ -460,12 +463,12 @@ def backward(query, key, value, runway_query, runway_key, segment_ids, query_seg
     lse = pad_heads(lse, group_heads, value=float("inf"))
     batch, heads, padded, width = query.shape
     num_groups = heads // group_heads
-    values = runway_query if coefficient == "bilinear" else runway_key
+    values = runway_query if runway_coefficient == "bilinear" else runway_key
     out_dot = jnp.sum(out_grad.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
     positions = common.row_positions(offsets, plan)
     beta_array = _beta_array(beta)
     bq = plan.block_q
-    options = dict(plan=plan, runway=runway, span=span, scale=scale, cap=cap,
+    options = dict(plan=plan, runway=runway, runway_span=runway_span, scale=scale, cap=cap,
                    groups=real_heads // kv_heads)
     specs = _row_specs(plan, width, 3)
     group_rows = pl.BlockSpec((None, group_heads, bq, width), lambda b, i, g: (b, g, i, 0))
@@ -476,8 +479,8 @@ def backward(query, key, value, runway_query, runway_key, segment_ids, query_seg
     per_group_rows = pl.BlockSpec((None, None, bq, width), lambda b, i, g: (b, g, i, 0))
     grid = (batch, plan.num_query_blocks, num_groups)
     cost_of = functools.partial(common.backward_pass_estimate, pl, batch, heads, kv_heads, width,
-                                query.dtype.itemsize, plan_=plan, span=span, runway=runway,
-                                head_groups=num_groups, soft_cap=cap is not None)
+                                query.dtype.itemsize, plan_=plan, runway_span=runway_span,
+                                runway=runway, head_groups=num_groups, soft_cap=cap is not None)
     shared_inputs = (query, key, value, out_grad, lse, out_dot, runway_query_rows, runway_key,
                      values, runway_lse, summary, positions, query_segments, segment_ids,
                      beta_array)
@@ -520,4 +523,4 @@ def backward(query, key, value, runway_query, runway_key, segment_ids, query_seg
     )(*shared_inputs, delta, summary_grad, *accumulators)
     return common.runway_gradients(dq[:, :real_heads], dk, dv, d_runway_query_rows.sum(axis=1),
                                    d_runway_key, dz, dw, rho_dot, offsets, plan=plan,
-                                   coefficient=coefficient)
+                                   runway_coefficient=runway_coefficient)

@@ -57,12 +57,13 @@ def runway_statistics(runway_query_rows, runway_key_rows, values_rows, runway_ke
 
 
 def rewired_forward(query, key, value, runway_query, runway_key, segment_ids, query_segments,
-                    runway_query_rows, runway_key_rows, offset, *, plan, beta, coefficient, span,
-                    scale, cap=None):
+                    runway_query_rows, runway_key_rows, offset, *, plan, beta, runway_coefficient,
+                    runway_span, scale, cap=None):
     """Pass 2 of METHOD (3c) for one batch row: ``out`` ``[H, Tqp, d]`` and the rewired heads'
     ``lse`` ``[H, Tqp, 1]``, plus pass 1's ``(runway_lse, summary)``."""
-    values_w = (runway_query if coefficient == "bilinear" else runway_key).astype(jnp.float32)
-    values_rows = runway_query_rows if coefficient == "bilinear" else runway_key_rows
+    values_w = runway_query if runway_coefficient == "bilinear" else runway_key
+    values_w = values_w.astype(jnp.float32)
+    values_rows = runway_query_rows if runway_coefficient == "bilinear" else runway_key_rows
     runway_lse, summary = runway_statistics(
         runway_query_rows, runway_key_rows, values_rows, runway_key, values_w, query_segments,
         segment_ids, offset, plan=plan, scale=scale, cap=cap)
@@ -81,7 +82,7 @@ def rewired_forward(query, key, value, runway_query, runway_key, segment_ids, qu
             probs = jnp.where(visible, jnp.exp(logits - runway_lse[rows]), 0.0)
             rho = common.runway_coefficients_tile(
                 probs, summary[rows], earlier, values_w[cols], keys_z[cols], visible, distance,
-                span=span, scale=scale)
+                runway_span=runway_span, scale=scale)
             earlier = earlier + common.dot(probs, values_w[cols])
             for h in range(heads):
                 logits = common.rewired_logits(query[h, rows], key[h // groups, cols], rho,
@@ -103,7 +104,7 @@ def batched_rewired_forward(*arrays, **options):
 
 def rewired_backward(query, key, value, runway_query, runway_key, segment_ids, query_segments,
                      runway_query_rows, runway_key_rows, offset, out, lse, runway_lse, summary,
-                     out_grad, *, plan, beta, coefficient, span, scale, cap=None):
+                     out_grad, *, plan, beta, runway_coefficient, runway_span, scale, cap=None):
     """METHOD (3d) for one batch row, walking the tiles as the TPU backward kernels do.
 
     Pass BQ (query blocks, key blocks ascending): ``dq`` of the heads, ``delta_i = sum_j d rho_ij
@@ -116,7 +117,7 @@ def rewired_backward(query, key, value, runway_query, runway_key, segment_ids, q
     on the key side ``[Tkp, d]``.
     """
     f32 = jnp.float32
-    values_w = (runway_query if coefficient == "bilinear" else runway_key).astype(f32)
+    values_w = (runway_query if runway_coefficient == "bilinear" else runway_key).astype(f32)
     keys_z = runway_key.astype(f32)
     runway_query_rows32 = runway_query_rows.astype(f32)
     heads, groups = query.shape[0], query.shape[0] // key.shape[0]
@@ -130,13 +131,13 @@ def rewired_backward(query, key, value, runway_query, runway_key, segment_ids, q
             common.runway_logits(runway_query_rows[rows], runway_key[cols], scale), cap)
         probs = jnp.where(visible, jnp.exp(logits - runway_lse[rows]), 0.0)
         rho = common.runway_coefficients_tile(probs, summary[rows], earlier, values_w[cols],
-                                              keys_z[cols], visible, distance, span=span,
-                                              scale=scale)
+                                              keys_z[cols], visible, distance,
+                                              runway_span=runway_span, scale=scale)
         head_tiles = [common.head_backward_tile(
             query[h, rows], key[h // groups, cols], value[h // groups, cols], out_grad[h, rows],
             lse[h, rows], out_dot[h, rows], rho, visible, beta=beta, scale=scale, cap=cap)
             for h in range(heads)]
-        defined = visible & (distance >= 2) if span == "exact" else visible
+        defined = visible & (distance >= 2) if runway_span == "exact" else visible
         drho = jnp.where(defined, -beta * sum(ds for _, ds in head_tiles), 0.0)
         return rows, cols, distance, probs, rho, head_tiles, drho, slope
 
@@ -173,8 +174,8 @@ def rewired_backward(query, key, value, runway_query, runway_key, segment_ids, q
                 dk = dk.at[g, cols].add(scale * common.dot(ds.T, query[h, rows]))
                 dv = dv.at[g, cols].add(common.dot(p.T, out_grad[h, rows].astype(f32)))
             dprobs, dz_tile, dw_tile = common.runway_backward_tile(
-                probs, drho, distance, values_w[cols], keys_z[cols], span=span, scale=scale,
-                prefix_sum=prefix_all[rows], summary_grad=summary_grad[rows],
+                probs, drho, distance, values_w[cols], keys_z[cols], runway_span=runway_span,
+                scale=scale, prefix_sum=prefix_all[rows], summary_grad=summary_grad[rows],
                 earlier=earlier_all[rows], summary=summary[rows])
             dlogits = probs * (dprobs - delta[rows])  # softmax backward of the runway head
             if slope is not None:
@@ -188,5 +189,5 @@ def rewired_backward(query, key, value, runway_query, runway_key, segment_ids, q
             prefix_all = prefix_all.at[rows].add(common.dot(drho, keys_z[cols]))
     grads = common.runway_gradients(dq, dk, dv, d_runway_query_rows[None], d_runway_key, dz, dw,
                                     rho_dot, jnp.reshape(offset, (1,)), plan=plan,
-                                    coefficient=coefficient)
+                                    runway_coefficient=runway_coefficient)
     return grads[:3] + (grads[3][0],) + grads[4:]

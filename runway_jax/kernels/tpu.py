@@ -166,7 +166,7 @@ def _rewired_forward_kernel(offsets_ref, beta_ref, query_ref, key_ref, value_ref
                             runway_query_rows_ref, runway_lse_ref, summary_ref,
                             runway_key_cols_ref, values_cols_ref, query_segments_ref,
                             key_segments_ref, out_ref, lse_ref, max_ref, sum_ref,
-                            accumulator_ref, earlier_ref, *, plan, runway, span, scale, cap):
+                            accumulator_ref, earlier_ref, *, plan, runway, runway_span, scale, cap):
     # Program ids are read here, outside pl.when: the interpreter cannot evaluate them in a branch.
     batch, query_block, step = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     offset, beta = offsets_ref[batch], beta_ref[0, 0]
@@ -189,14 +189,14 @@ def _rewired_forward_kernel(offsets_ref, beta_ref, query_ref, key_ref, value_ref
             values_block = values_cols_ref[...].astype(jnp.float32)  # W_J
             keys_block = runway_key_cols_ref[...].astype(jnp.float32)  # Z_J
             probs = None
-            if span == "exact":  # the prefix span needs no A in this pass
+            if runway_span == "exact":  # the prefix span needs no A in this pass
                 logits = common.runway_logits(runway_query_rows_ref[...],
                                               runway_key_cols_ref[...], scale, cap)
                 probs = jnp.where(visible, jnp.exp(logits - runway_lse_ref[...]), 0.0)  # A_IJ
             rho = common.runway_coefficients_tile(
                 probs, summary_ref[...], earlier_ref[...], values_block, keys_block, visible,
-                distance, span=span, scale=scale)
-            if span == "exact":
+                distance, runway_span=runway_span, scale=scale)
+            if runway_span == "exact":
                 earlier_ref[...] += common.dot(probs, values_block)  # S_I += A_IJ W_J
         for h in range(heads):  # rho is shared by every head of the block (METHOD (3c))
             logits = common.rewired_logits(query_ref[h], key_ref[h // groups], rho, beta=beta,
@@ -214,8 +214,8 @@ def _rewired_forward_kernel(offsets_ref, beta_ref, query_ref, key_ref, value_ref
 
 
 def rewired_forward(query, key, value, runway_query_rows, runway_key, values, runway_lse,
-                    summary, query_segments, key_segments, offsets, beta, *, plan, runway, span,
-                    scale, cap=None, interpret=False):
+                    summary, query_segments, key_segments, offsets, beta, *, plan, runway,
+                    runway_span, scale, cap=None, interpret=False):
     """Pass 2 (METHOD (3c)): ``(out [B, H, Tqp, d], lse [B, H, Tqp, 1])`` from head-major padded
     inputs and pass 1's ``runway_lse`` and ``summary`` (u)."""
     batch, heads, padded, width = query.shape
@@ -227,8 +227,8 @@ def rewired_forward(query, key, value, runway_query_rows, runway_key, values, ru
     kv_spec = pl.BlockSpec((None, kv_heads, plan.block_k, width),
                            lambda b, i, j, o: (b, 0, key_index(b, i, j, o), 0))
     head_stats = pl.BlockSpec((None, heads, plan.block_q, 1), lambda b, i, j, o: (b, 0, i, 0))
-    kernel = functools.partial(_rewired_forward_kernel, plan=plan, runway=runway, span=span,
-                               scale=scale, cap=cap)
+    kernel = functools.partial(_rewired_forward_kernel, plan=plan, runway=runway,
+                               runway_span=runway_span, scale=scale, cap=cap)
     return pl.pallas_call(
         kernel,
         grid_spec=_grid_spec(
@@ -244,7 +244,8 @@ def rewired_forward(query, key, value, runway_query_rows, runway_key, values, ru
                    jax.ShapeDtypeStruct((batch, heads, padded, 1), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=_SEQUENTIAL_KEYS),
         cost_estimate=common.cost_estimate(pl, batch, heads, kv_heads, width,
-                                           query.dtype.itemsize, plan_=plan, span=span,
+                                           query.dtype.itemsize, plan_=plan,
+                                           runway_span=runway_span,
                                            runway=runway, soft_cap=cap is not None),
         interpret=interpret,
         name="rewired_attention_forward",
@@ -253,14 +254,14 @@ def rewired_forward(query, key, value, runway_query_rows, runway_key, values, ru
 
 
 def forward(query, key, value, runway_query, runway_key, segment_ids, query_segments,
-            runway_query_rows, runway_key_rows, offsets, *, plan, beta, coefficient, span, scale,
-            cap=None, runway=None, interpret=False):
+            runway_query_rows, runway_key_rows, offsets, *, plan, beta, runway_coefficient,
+            runway_span, scale, cap=None, runway=None, interpret=False):
     """Both passes on :class:`runway_jax.kernels.common.KernelInputs`: ``(out, lse, runway_lse,
     summary)`` in kernel layout. ``runway`` (default: unless ``beta`` is the Python number 0)
     runs the runway head."""
     runway = common.runs_runway_head(beta) if runway is None else runway
-    values = runway_query if coefficient == "bilinear" else runway_key
-    values_rows = runway_query_rows if coefficient == "bilinear" else runway_key_rows
+    values = runway_query if runway_coefficient == "bilinear" else runway_key
+    values_rows = runway_query_rows if runway_coefficient == "bilinear" else runway_key_rows
     if not runway:  # standard attention (METHOD (6), invariant 1): no runway work at all
         runway_lse = jnp.zeros(runway_query_rows.shape[:2] + (1,), jnp.float32)
         summary = jnp.zeros(runway_query_rows.shape, jnp.float32)
@@ -270,8 +271,8 @@ def forward(query, key, value, runway_query, runway_key, segment_ids, query_segm
             segment_ids, offsets, plan=plan, scale=scale, cap=cap, interpret=interpret)
     out, lse = rewired_forward(query, key, value, runway_query_rows, runway_key, values,
                                runway_lse, summary, query_segments, segment_ids, offsets, beta,
-                               plan=plan, runway=runway, span=span, scale=scale, cap=cap,
-                               interpret=interpret)
+                               plan=plan, runway=runway, runway_span=runway_span, scale=scale,
+                               cap=cap, interpret=interpret)
     return out, lse, runway_lse, summary
 
 
@@ -289,7 +290,7 @@ def _heads_backward(query_ref, key_ref, value_ref, out_grad_ref, lse_ref, out_do
         for h in range(query_ref.shape[0])]
 
 
-def _runway_tile(span, scale, cap, visible, distance, runway_query_rows, runway_lse_rows,
+def _runway_tile(runway_span, scale, cap, visible, distance, runway_query_rows, runway_lse_rows,
                  runway_key_cols, values_cols, summary_rows, earlier_rows):
     """``(A_IJ, rho_IJ, W_J, Z_J, slope)`` of one tile, as in the forward pass; ``slope`` is the
     soft cap's ``1 - tanh^2`` of the runway logits (None without a cap)."""
@@ -299,13 +300,14 @@ def _runway_tile(span, scale, cap, visible, distance, runway_query_rows, runway_
         common.runway_logits(runway_query_rows, runway_key_cols, scale), cap)
     probs = jnp.where(visible, jnp.exp(logits - runway_lse_rows), 0.0)
     rho = common.runway_coefficients_tile(probs, summary_rows, earlier_rows, values_block,
-                                          keys_block, visible, distance, span=span, scale=scale)
+                                          keys_block, visible, distance, runway_span=runway_span,
+                                          scale=scale)
     return probs, rho, values_block, keys_block, slope
 
 
-def _defined_drho(head_tiles, visible, distance, *, span, beta):
+def _defined_drho(head_tiles, visible, distance, *, runway_span, beta):
     """``d rho = -beta sum_h dS~^h`` where rho is defined (METHOD (3d))."""
-    defined = visible & (distance >= 2) if span == "exact" else visible
+    defined = visible & (distance >= 2) if runway_span == "exact" else visible
     return jnp.where(defined, -beta * sum(ds for _, ds in head_tiles), 0.0)
 
 
@@ -314,7 +316,7 @@ def _backward_query_kernel(offsets_ref, beta_ref, query_ref, key_ref, value_ref,
                            summary_ref, runway_key_cols_ref, values_cols_ref, query_segments_ref,
                            key_segments_ref, dq_ref, rho_dot_ref, summary_grad_ref,
                            dq_acc, earlier_acc, rho_dot_acc, summary_grad_acc, *, plan, runway,
-                           span, scale, cap):
+                           runway_span, scale, cap):
     batch, query_block, step = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     offset, beta = offsets_ref[batch], beta_ref[0, 0]  # read outside pl.when, see above
     key_block, runs = _key_block(plan, query_block, step, offset)
@@ -334,7 +336,7 @@ def _backward_query_kernel(offsets_ref, beta_ref, query_ref, key_ref, value_ref,
         rho = None
         if runway:
             probs, rho, values_block, keys_block, _ = _runway_tile(
-                span, scale, cap, visible, distance, runway_query_rows_ref[...],
+                runway_span, scale, cap, visible, distance, runway_query_rows_ref[...],
                 runway_lse_ref[...], runway_key_cols_ref[...], values_cols_ref[...],
                 summary_ref[...], earlier_acc[...])
         head_tiles = _heads_backward(query_ref, key_ref, value_ref, out_grad_ref, lse_ref,
@@ -347,8 +349,9 @@ def _backward_query_kernel(offsets_ref, beta_ref, query_ref, key_ref, value_ref,
             # -beta times it (both spans; rho is zero where undefined), d beta = -sum_i of it.
             rho_dot_acc[...] += jnp.sum(rho * sum(ds for _, ds in head_tiles), axis=1,
                                         keepdims=True)
-            if span == "prefix":
-                drho = _defined_drho(head_tiles, visible, distance, span=span, beta=beta)
+            if runway_span == "prefix":
+                drho = _defined_drho(head_tiles, visible, distance, runway_span=runway_span,
+                                     beta=beta)
                 summary_grad_acc[...] += scale * common.dot(drho, keys_block)  # du_I
             else:
                 earlier_acc[...] += common.dot(probs, values_block)
@@ -366,7 +369,7 @@ def _backward_key_kernel(offsets_ref, beta_ref, query_ref, out_grad_ref, lse_ref
                          values_cols_ref, query_segments_ref, key_segments_ref, dk_ref, dv_ref,
                          d_runway_key_ref, dz_ref, dw_ref, d_runway_query_ref, dk_acc, dv_acc,
                          d_runway_key_acc, dz_acc, dw_acc, earlier_all, prefix_all, *, plan,
-                         runway, span, scale, cap):
+                         runway, runway_span, scale, cap):
     # Program ids are read here, outside pl.when: the interpreter cannot evaluate them in a branch.
     batch, key_block, step = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     offset, beta = offsets_ref[batch], beta_ref[0, 0]
@@ -392,7 +395,7 @@ def _backward_key_kernel(offsets_ref, beta_ref, query_ref, out_grad_ref, lse_ref
         rho = None
         if runway:
             probs, rho, values_block, keys_block, slope = _runway_tile(
-                span, scale, cap, visible, distance, runway_query_rows_ref[...],
+                runway_span, scale, cap, visible, distance, runway_query_rows_ref[...],
                 runway_lse_ref[...], runway_key_cols_ref[...], values_cols_ref[...],
                 summary_ref[...], earlier_all[rows])
         head_tiles = _heads_backward(query_ref, key_ref, value_ref, out_grad_ref, lse_ref,
@@ -403,10 +406,10 @@ def _backward_key_kernel(offsets_ref, beta_ref, query_ref, out_grad_ref, lse_ref
             dv_acc[h // groups] += common.dot(probs_h.T.astype(out_grad_ref.dtype),
                                               out_grad_ref[h])
         if runway:
-            drho = _defined_drho(head_tiles, visible, distance, span=span, beta=beta)
+            drho = _defined_drho(head_tiles, visible, distance, runway_span=runway_span, beta=beta)
             dprobs, dz, dw = common.runway_backward_tile(
-                probs, drho, distance, values_block, keys_block, span=span, scale=scale,
-                prefix_sum=prefix_all[rows], summary_grad=summary_grad_ref[...],
+                probs, drho, distance, values_block, keys_block, runway_span=runway_span,
+                scale=scale, prefix_sum=prefix_all[rows], summary_grad=summary_grad_ref[...],
                 earlier=earlier_all[rows], summary=summary_ref[...])
             dlogits = probs * (dprobs - delta_ref[...])  # the runway head's softmax backward
             if slope is not None:
@@ -416,7 +419,7 @@ def _backward_key_kernel(offsets_ref, beta_ref, query_ref, out_grad_ref, lse_ref
                 dlogits.T, runway_query_rows_ref[...].astype(jnp.float32))
             dz_acc[...] += dz
             dw_acc[...] += dw
-            if span == "exact":  # advance the row prefixes past key block J
+            if runway_span == "exact":  # advance the row prefixes past key block J
                 earlier_all[rows] += common.dot(probs, values_block)
                 prefix_all[rows] += common.dot(drho, keys_block)
 
@@ -439,7 +442,7 @@ def _query_block(plan, key_block, step, offset):
 
 def backward(query, key, value, runway_query, runway_key, segment_ids, query_segments,
              runway_query_rows, runway_key_rows, offsets, out, lse, runway_lse, summary,
-             out_grad, *, plan, beta, coefficient, span, scale, cap=None, runway=None,
+             out_grad, *, plan, beta, runway_coefficient, runway_span, scale, cap=None, runway=None,
              interpret=False):
     """METHOD (3d) in two pallas_calls; float32 ``(dq, dk, dv, d runway_query, d runway_key,
     d beta)``, the first five in kernel layout (the runway gradients on the key side, ``[B, Tkp,
@@ -458,15 +461,15 @@ def backward(query, key, value, runway_query, runway_key, segment_ids, query_seg
     batch, heads, padded, width = query.shape
     kv_heads = key.shape[1]
     f32 = jnp.float32
-    values = runway_query if coefficient == "bilinear" else runway_key
+    values = runway_query if runway_coefficient == "bilinear" else runway_key
     out_dot = jnp.sum(out_grad.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
     q_segments, k_segments = query_segments[:, :, None], segment_ids[:, None, :]
     bq, bk = plan.block_q, plan.block_k
-    options = dict(plan=plan, runway=runway, span=span, scale=scale, cap=cap)
+    options = dict(plan=plan, runway=runway, runway_span=runway_span, scale=scale, cap=cap)
     beta_array = _beta_array(beta)
     estimate = functools.partial(common.backward_pass_estimate, pl, batch, heads, kv_heads, width,
-                                 query.dtype.itemsize, plan_=plan, span=span, runway=runway,
-                                 soft_cap=cap is not None)
+                                 query.dtype.itemsize, plan_=plan, runway_span=runway_span,
+                                 runway=runway, soft_cap=cap is not None)
 
     # Pass BQ.
     key_index = _key_index(plan)
@@ -541,4 +544,5 @@ def backward(query, key, value, runway_query, runway_key, segment_ids, query_seg
     )(offsets, beta_array, query, out_grad, lse, out_dot, runway_query_rows, runway_lse, summary,
       delta, summary_grad, key, value, runway_key, values, q_segments, k_segments)
     return common.runway_gradients(dq, dk, dv, d_runway_query_rows, d_runway_key, dz, dw,
-                                   rho_dot, offsets, plan=plan, coefficient=coefficient)
+                                   rho_dot, offsets, plan=plan,
+                                   runway_coefficient=runway_coefficient)

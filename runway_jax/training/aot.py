@@ -165,7 +165,10 @@ def compiled_figures(compiled) -> dict:
 def compile_jitted(jitted, *args, platform):
     """(compiled, trace+lower seconds, compile seconds); an out-of-memory compile is a CompileError."""
     start = time.perf_counter()
-    with attention.compiling_for(platform):  # implementation=None picks the target's kernels
+    # implementation=None picks the target's kernels. The context is read while tracing, which
+    # jit's cache does not key on: callers pass a jit made for this compile (never one traced
+    # before), so the trace cannot come from a cache.
+    with attention.compiling_for(platform):
         lowered = jitted.lower(*args)
     lowered_at = time.perf_counter()
     try:

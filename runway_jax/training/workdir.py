@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import time
 
-from runway_jax.config import flat_fields, with_defaults
+from runway_jax.config import flat_fields, nested_fields, with_defaults
 from runway_jax.files import write_json, write_text
 
 LOCK_FILE = ".lock"
@@ -214,14 +214,8 @@ def check_resume(workdir: str, config: dict, tokenizer_sha256: str) -> dict:
 def _with_model_migrated(definition: dict) -> dict:
     """A saved run definition with its ``model.*`` entries in today's layout (``with_defaults``):
     older ones hold the attention options flat (``model.beta``) and lack the fields added since."""
-    model = {}
-    for key, value in definition.items():
-        if key.startswith("model."):
-            *parents, name = key.split(".")[1:]
-            fields = model
-            for parent in parents:  # "model.attention.beta": {"attention": {"beta": ...}}
-                fields = fields.setdefault(parent, {})
-            fields[name] = value
+    model = nested_fields({key.removeprefix("model."): value for key, value in definition.items()
+                           if key.startswith("model.")})
     others = {key: value for key, value in definition.items() if not key.startswith("model.")}
     return {**others, **flat_fields(with_defaults(model), "model.")}
 
