@@ -2,6 +2,8 @@
 
 * :mod:`runway_jax.kernels.tpu` -- Mosaic TPU (``implementation="pallas_tpu"``).
 * :mod:`runway_jax.kernels.gpu` -- Triton-lowered Pallas GPU (``implementation="pallas_gpu"``).
+* :mod:`runway_jax.kernels.mosaic_gpu` -- Mosaic GPU (Hopper) forward kernels, tested in the
+  Mosaic GPU interpreter and lowered for CUDA; not yet an implementation (no backward pass).
 * :mod:`runway_jax.kernels.reference` -- their pure-``jnp`` twin (same tiles, same order).
 * :mod:`runway_jax.kernels.common` -- block sizes, layout, tile mathematics, cost model.
 * :mod:`runway_jax.kernels.sharding` -- the ``shard_map`` wrapper for sharded ``jit``.
