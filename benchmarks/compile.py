@@ -16,8 +16,8 @@ analysis (FLOPs, bytes accessed) of
 and the ratios of each to ``splash``. Both sides are one attention layer of H heads: splash
 attends with all 16; the rewired layer with H - 1 = 15 heads steered by the runway head (METHOD
 (1)). XLA's cost analysis of a Pallas call is the ``pl.CostEstimate`` the kernel carries (ours:
-``runway_jax.kernels.common``); splash carries none, so its FLOPs and bytes are counted by the
-same analytic model as ours (``common.standard_attention_cost``; forward+backward = 3.5x the
+``runway_jax.kernels.cost_model``); splash carries none, so its FLOPs and bytes are counted by the
+same analytic model as ours (``cost_model.standard_attention_cost``; forward+backward = 3.5x the
 forward, as ``benchmarks/kernels.py`` counts), and the output says which source each figure has.
 ``xla_exact``'s FLOPs are XLA's static count, which counts a loop body once: an undercount for the
 blocked path, whose loops run over key blocks (its ratio falls as T grows). ``--quick``: T=1024 on
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.sharding import make_single_device_sharding
 
 from runway_jax import attention
-from runway_jax.kernels import common
+from runway_jax.kernels import cost_model
 from runway_jax.training.aot import CompileError, compile_jitted, compiled_figures, topology_devices
 from common import write_results  # benchmarks/common.py
 
@@ -90,7 +90,7 @@ def compile_row(fn, inputs):
 
 
 def standard_analytic(batch, length, heads, width, mode):
-    flops, hbm = common.standard_attention_cost(batch, length, heads, heads, width, 2)
+    flops, hbm = cost_model.standard_attention_cost(batch, length, heads, heads, width, 2)
     return (flops, hbm) if mode == "forward" else (3.5 * flops, 3 * hbm)
 
 

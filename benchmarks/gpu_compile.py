@@ -311,9 +311,9 @@ def gpu_compile_report(block_sizes=None, archs=("sm_80", "sm_90"), length=4096, 
     """
     import jax
 
-    from runway_jax.kernels import common
+    from runway_jax.kernels import tiling
 
-    block_sizes = block_sizes or common.BlockSizes.gpu_default()
+    block_sizes = block_sizes or tiling.BlockSizes.gpu_default()
     unknown = [arch for arch in archs if arch not in ARCH_LIMITS]
     if unknown:
         raise ValueError(f"gpu_compile: archs {unknown} are not among {sorted(ARCH_LIMITS)}.")
@@ -341,10 +341,10 @@ def sweep_candidates():
     """``(probes, grid)``: probes always run (the smallest tiles, where a kernel that spills
     everywhere still shows how little it can spill); the grid -- blocks 32/64/128 (square and
     2:1), heads per program 1/2/4, 4 or 8 warps, 1-3 pipeline stages -- smallest first."""
-    from runway_jax.kernels import common
+    from runway_jax.kernels import tiling
 
     def sizes(q, k, g, w, s):
-        return common.BlockSizes(block_q=q, block_k=k, heads_per_program=g, num_warps=w,
+        return tiling.BlockSizes(block_q=q, block_k=k, heads_per_program=g, num_warps=w,
                                  num_stages=s)
 
     probes = [sizes(16, 16, 1, 4, 1), sizes(32, 32, 1, 4, 1), sizes(32, 32, 1, 8, 1)]
@@ -455,7 +455,7 @@ def format_report(report) -> str:
 
 def main(argv=None):
     from runway_jax import attention
-    from runway_jax.kernels import common
+    from runway_jax.kernels import tiling
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", default="sm_80,sm_90")
@@ -474,7 +474,7 @@ def main(argv=None):
         return 2
     shape = dict(length=args.length, heads=args.heads, width=args.width, span=args.span)
     try:
-        default = gpu_compile_report(common.BlockSizes.gpu_default(), archs=archs, **shape)
+        default = gpu_compile_report(tiling.BlockSizes.gpu_default(), archs=archs, **shape)
     except RuntimeError as error:
         print(error, file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ after a warm-up) of
     (``pallas_gpu`` / ``pallas_tpu``);
   * ``xla_exact``: ``rewired_attention(implementation="xla")``;
 
-and prints achieved TFLOP/s (analytic FLOPs of METHOD (3c), see ``runway_jax.kernels.common``)
+and prints achieved TFLOP/s (analytic FLOPs of METHOD (3c), see ``runway_jax.kernels.cost_model``)
 and time ratios against ``standard`` and ``xla_exact``. Target: the exact kernel within 1.3x of
 cuDNN causal attention forward+backward on an H100. Forward+backward runs the Pallas backward
 kernels of METHOD (3d); achieved TFLOP/s for it counts 3.5x the forward FLOPs.
@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from runway_jax import attention
-from runway_jax.kernels import common
+from runway_jax.kernels import cost_model, tiling
 from common import write_results  # benchmarks/common.py
 
 TERA = 1e12
@@ -43,15 +43,15 @@ TERA = 1e12
 def analytic_rows(lengths, batch, heads, width, itemsize=2):
     rows = []
     for length in lengths:
-        standard_flops, standard_bytes = common.standard_attention_cost(
+        standard_flops, standard_bytes = cost_model.standard_attention_cost(
             batch, length, heads, heads, width, itemsize)
         row = {"length": length, "standard_forward_flops": standard_flops,
                "standard_forward_hbm_bytes": standard_bytes}
         # A rewired layer of H heads: H - 1 attending heads and the runway head (METHOD (1)).
         for span in attention.RUNWAY_SPANS:
-            flops, _, hbm = common.forward_cost(batch, length, heads - 1, heads - 1, width, itemsize,
+            flops, _, hbm = cost_model.forward_cost(batch, length, heads - 1, heads - 1, width, itemsize,
                                                 runway_span=span)
-            back_flops, _, back_hbm = common.backward_cost(batch, length, heads - 1, heads - 1, width,
+            back_flops, _, back_hbm = cost_model.backward_cost(batch, length, heads - 1, heads - 1, width,
                                                            itemsize, runway_span=span)
             row.update({
                 f"{span}_forward_flops": flops, f"{span}_forward_hbm_bytes": hbm,
@@ -60,11 +60,11 @@ def analytic_rows(lengths, batch, heads, width, itemsize=2):
                 f"{span}_flop_ratio_to_standard": flops / standard_flops,
             })
         # The GPU kernel's default: smaller tiles, and rho re-formed by every head group.
-        gpu = common.BlockSizes.gpu_default()
+        gpu = tiling.BlockSizes.gpu_default()
         groups = -(-(heads - 1) // gpu.heads_per_program)  # padded up to whole groups
         tiles = dict(block_q=gpu.block_q, block_k=gpu.block_k)
-        gpu_standard, _ = common.standard_attention_cost(batch, length, heads, heads, width, itemsize, **tiles)
-        gpu_exact, _, _ = common.forward_cost(batch, length, groups * gpu.heads_per_program, heads - 1, width,
+        gpu_standard, _ = cost_model.standard_attention_cost(batch, length, heads, heads, width, itemsize, **tiles)
+        gpu_exact, _, _ = cost_model.forward_cost(batch, length, groups * gpu.heads_per_program, heads - 1, width,
                                               itemsize, runway_span="exact", head_groups=groups, **tiles)
         row["gpu_head_groups"] = groups
         row["gpu_exact_flop_ratio_to_standard"] = gpu_exact / gpu_standard
@@ -85,7 +85,7 @@ def print_analytic(rows, batch, heads, width):
               f"{r['standard_forward_hbm_bytes'] / 2**20:>7.0f} MiB "
               f"{r['exact_forward_hbm_bytes'] / 2**20:>7.0f} MiB")
     first = rows[0]
-    gpu = common.BlockSizes.gpu_default()
+    gpu = tiling.BlockSizes.gpu_default()
     print(f"GPU kernel defaults ({gpu.block_q} x {gpu.block_k} tiles, {first['gpu_head_groups']} head groups that each re-form "
           f"rho): exact forward {first['gpu_exact_flop_ratio_to_standard']:.2f}x the FLOPs of standard attention")
 

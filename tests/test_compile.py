@@ -19,7 +19,7 @@ import pytest
 from jax.sharding import make_single_device_sharding
 
 from runway_jax import kernels
-from runway_jax.kernels import common
+from runway_jax.kernels import cost_model, tiling
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMPILE = str(ROOT / "train" / "compile.py")
@@ -61,9 +61,9 @@ def test_both_kernel_passes_compile_for_tpu_v5e_with_their_cost_estimates():
 
     from jax.experimental import pallas as pl
 
-    plan = common.plan(t, common.BlockSizes.tpu_default())
-    forward_flops = common.forward_cost(b, t, h, h, d, 2, runway_span="exact")[0]
-    backward_flops = sum(common.backward_pass_estimate(pl, b, h, h, d, 2, plan_=plan, runway_span="exact",
+    plan = tiling.plan(t, tiling.BlockSizes.tpu_default())
+    forward_flops = cost_model.forward_cost(b, t, h, h, d, 2, runway_span="exact")[0]
+    backward_flops = sum(cost_model.backward_pass_estimate(pl, b, h, h, d, 2, plan_=plan, runway_span="exact",
                                                        key_pass=key_pass).flops for key_pass in (False, True))
     for fn, calls, flops in ((forward, 2, forward_flops), (loss_gradients, 4, forward_flops + backward_flops)):
         compiled = jax.jit(fn).lower(*args).compile()
@@ -109,14 +109,14 @@ def test_kernels_with_window_soft_cap_ragged_rows_and_traced_beta_compile_for_tp
         return jax.value_and_grad(lambda *x: forward(*x, *a[5:]).astype(jnp.float32).sum(),
                                   argnums=range(5))(*a[:5])
 
-    plan = common.plan(tq, common.BlockSizes.tpu_default(), key_length=tk, window=window,
+    plan = tiling.plan(tq, tiling.BlockSizes.tpu_default(), key_length=tk, window=window,
                        ragged=True)
     assert (plan.key_steps, plan.num_key_blocks) == (4, 8)
-    forward_flops = common.forward_cost(b, tk, h, h, d, 2, runway_span="exact", window=window,
+    forward_flops = cost_model.forward_cost(b, tk, h, h, d, 2, runway_span="exact", window=window,
                                         query_length=tq, soft_cap=True)[0]
-    assert forward_flops < common.forward_cost(b, tk, h, h, d, 2, runway_span="exact",
+    assert forward_flops < cost_model.forward_cost(b, tk, h, h, d, 2, runway_span="exact",
                                                query_length=tq)[0]
-    backward_flops = sum(common.backward_pass_estimate(
+    backward_flops = sum(cost_model.backward_pass_estimate(
         pl, b, h, h, d, 2, plan_=plan, runway_span="exact", key_pass=key_pass, soft_cap=True).flops
         for key_pass in (False, True))
     for fn, calls, flops in ((forward, 2, forward_flops),

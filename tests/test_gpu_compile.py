@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import gpu_compile  # noqa: E402
 
-from runway_jax.kernels import common  # noqa: E402
+from runway_jax.kernels import tiling  # noqa: E402
 
 PTXAS_OUTPUT = """\
 ptxas info    : 11 bytes gmem
@@ -52,12 +52,12 @@ def test_missing_plugin_says_how_to_install_it(monkeypatch, tmp_path):
 
 
 def test_dominated_candidates_are_skipped_after_a_failure():
-    small = common.BlockSizes(block_q=32, block_k=32, heads_per_program=1, num_warps=4,
+    small = tiling.BlockSizes(block_q=32, block_k=32, heads_per_program=1, num_warps=4,
                               num_stages=1)
-    large = common.BlockSizes(block_q=64, block_k=32, heads_per_program=2, num_warps=4,
+    large = tiling.BlockSizes(block_q=64, block_k=32, heads_per_program=2, num_warps=4,
                               num_stages=2)
     assert gpu_compile._dominates(small, large) and not gpu_compile._dominates(large, small)
-    other_warps = common.BlockSizes(block_q=64, block_k=64, heads_per_program=2, num_warps=8)
+    other_warps = tiling.BlockSizes(block_q=64, block_k=64, heads_per_program=2, num_warps=8)
     assert not gpu_compile._dominates(small, other_warps)
 
 
@@ -71,7 +71,7 @@ def _toolchain_or_skip():
 def test_the_four_kernels_compile_to_sass_at_a_small_shape():
     """Forward (2) and backward (2) Triton kernels through the plugin's Triton and ptxas."""
     _toolchain_or_skip()
-    blocks = common.BlockSizes(block_q=16, block_k=16, heads_per_program=1, num_warps=4,
+    blocks = tiling.BlockSizes(block_q=16, block_k=16, heads_per_program=1, num_warps=4,
                                num_stages=1)
     report = gpu_compile.gpu_compile_report(blocks, archs=("sm_90",), length=32, heads=2,
                                             width=16)
@@ -112,7 +112,7 @@ def test_recommend_prefers_spill_free_then_least_spilling_launchable():
 
 def test_sweep_runs_every_probe_and_skips_grid_candidates_a_failure_dominates(monkeypatch):
     def sizes(q, w):
-        return common.BlockSizes(block_q=q, block_k=q, heads_per_program=1, num_warps=w,
+        return tiling.BlockSizes(block_q=q, block_k=q, heads_per_program=1, num_warps=w,
                                  num_stages=1)
 
     compiled = []

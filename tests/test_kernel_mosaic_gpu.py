@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from method_direct import direct
-from runway_jax.kernels import common, mosaic_gpu, reference
+from runway_jax.kernels import layouts, tiling, mosaic_gpu, reference
 from test_attention import make_inputs, make_segments
 
 WIDTH = 64  # WGMMA tiles: the smallest head width and block the kernels take
-BLOCKS = common.BlockSizes(block_q=64, block_k=64)
+BLOCKS = tiling.BlockSizes(block_q=64, block_k=64)
 
 # (coefficient, span, batch, T, H, H_kv, blocks, heads_per_program, segments): both spans, both
 # coefficient kinds, GQA, segments, T not a block multiple (150: three key blocks, so the exact
@@ -21,7 +21,7 @@ CASES = {
     "exact-bilinear-gqa-segments-3-blocks": ("bilinear", "exact", 2, 150, 4, 2, BLOCKS, 2, True),
     "prefix-dot-gqa-segments-padded-heads": ("dot", "prefix", 2, 19, 4, 2, BLOCKS, 3, True),
     "exact-dot-unequal-blocks": ("dot", "exact", 1, 100, 2, 2,
-                                 common.BlockSizes(block_q=128, block_k=64), None, False),
+                                 tiling.BlockSizes(block_q=128, block_k=64), None, False),
     "prefix-bilinear-T1": ("bilinear", "prefix", 2, 1, 2, 1, BLOCKS, None, False),
 }
 
@@ -35,12 +35,12 @@ def kernel_forward(inputs, segments, *, blocks=BLOCKS, beta=0.8, coefficient="bi
                            ragged=lengths is not None)
     if segments is None:
         segments = jnp.zeros(key.shape[:2], jnp.int32)
-    arrays = common.to_kernel_layout(*inputs, segments, plan, lengths)
+    arrays = layouts.to_kernel_layout(*inputs, segments, plan, lengths)
     got = mosaic_gpu.forward(*arrays, plan=plan, beta=beta, runway_coefficient=coefficient,
                              runway_span=span, scale=query.shape[-1] ** -0.5, cap=cap,
                              runway=runway, heads_per_program=heads_per_program,
                              interpret=True)
-    return common.from_kernel_layout(got[0], query.shape[1]), got, arrays, plan
+    return layouts.from_kernel_layout(got[0], query.shape[1]), got, arrays, plan
 
 
 def assert_residuals_equal_the_twin(got, arrays, plan, *, coefficient, span, beta=0.8,
@@ -113,15 +113,15 @@ def test_flop_ratio_to_standard_attention():
 
 
 def test_plan_takes_wgmma_sized_blocks_and_16_bit_inputs_on_hardware():
-    plan = mosaic_gpu.plan(19, common.BlockSizes(block_q=16, block_k=8))
+    plan = mosaic_gpu.plan(19, tiling.BlockSizes(block_q=16, block_k=8))
     assert (plan.block_q, plan.block_k, plan.padded_query_length) == (64, 64, 64)
     options = dict(beta=1.0, runway_coefficient="bilinear", runway_span="exact", scale=1.0)
-    small = common.plan(19, BLOCKS)  # 32-row blocks: too small for WGMMA
+    small = tiling.plan(19, BLOCKS)  # 32-row blocks: too small for WGMMA
     with pytest.raises(ValueError, match="multiples of 64"):
-        mosaic_gpu.forward(*common.to_kernel_layout(*make_inputs(44, 1, 19, 2, 1, 8), None,
+        mosaic_gpu.forward(*layouts.to_kernel_layout(*make_inputs(44, 1, 19, 2, 1, 8), None,
                                                     small), plan=small, interpret=True, **options)
     with pytest.raises(ValueError, match="interpret mode only"):  # WGMMA would take tf32
-        mosaic_gpu.forward(*common.to_kernel_layout(*make_inputs(44, 1, 19, 2, 1, WIDTH), None,
+        mosaic_gpu.forward(*layouts.to_kernel_layout(*make_inputs(44, 1, 19, 2, 1, WIDTH), None,
                                                     plan), plan=plan, **options)
 
 
@@ -137,11 +137,11 @@ def test_lowers_for_cuda_at_training_shapes(span):
     plan = mosaic_gpu.plan(t, BLOCKS)
 
     def forward(q, k, v, rq, rk, segments):
-        arrays = common.to_kernel_layout(q, k, v, rq, rk, segments, plan)
+        arrays = layouts.to_kernel_layout(q, k, v, rq, rk, segments, plan)
         out, *_ = mosaic_gpu.forward(*arrays, plan=plan, beta=1.0,
                                      runway_coefficient="bilinear", runway_span=span,
                                      scale=d ** -0.5, heads_per_program=2)
-        return common.from_kernel_layout(out, t)
+        return layouts.from_kernel_layout(out, t)
 
     text = jax.export.export(jax.jit(forward), platforms=["cuda"])(*args).mlir_module()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 2  # the two passes

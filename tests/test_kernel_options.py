@@ -17,11 +17,11 @@ import pytest
 
 from method_direct import direct_options, spec_loop
 from runway_jax import attention, kernels
-from runway_jax.kernels import common
+from runway_jax.kernels import cost_model, tiling
 
 TARGETS = kernels.KERNELS
 NAMES = ("query", "key", "value", "runway_query", "runway_key", "beta")
-BLOCKS = common.BlockSizes(block_q=8, block_k=8, heads_per_program=2)
+BLOCKS = tiling.BlockSizes(block_q=8, block_k=8, heads_per_program=2)
 WIDTH = 8
 
 
@@ -141,10 +141,10 @@ def test_bfloat16_within_tolerance(target):
 def test_window_skips_whole_key_blocks():
     """The window case's plan: a key grid of 3 steps instead of 5 key blocks, 9 of the 15 causal
     tiles; the key-major backward visits the same 9."""
-    plan = common.plan(40, BLOCKS, window=5)
+    plan = tiling.plan(40, BLOCKS, window=5)
     assert (plan.key_steps, plan.num_key_blocks, plan.query_steps) == (3, 5, 3)
-    assert common.tiles_that_run(plan) == 9 < common.computed_tiles(40, 8, 8)[0] == 15
-    by_keys = [common.key_block_query_range(j, 0, plan) for j in range(plan.num_key_blocks)]
+    assert cost_model.tiles_that_run(plan) == 9 < cost_model.computed_tiles(40, 8, 8)[0] == 15
+    by_keys = [tiling.key_block_query_range(j, 0, plan) for j in range(plan.num_key_blocks)]
     assert sum(last - first + 1 for first, last in by_keys) == 9
 
 
@@ -299,12 +299,12 @@ def test_cost_estimates_count_only_the_tiles_that_run(target):
         fn = lambda q, *a: kernels.rewired_attention(
             q[:, 1024 - query_length:], *a, implementation=target, beta=1.0,
             runway_coefficient="bilinear", runway_span="exact", segment_ids=None, scale=None,
-            block_sizes=common.BlockSizes(64, 64), **options)
+            block_sizes=tiling.BlockSizes(64, 64), **options)
         return sum(pallas_flops(fn, *args))
 
     full = forward_flops()
-    plan = common.plan(1024, common.BlockSizes(64, 64), window=100)
-    assert common.tiles_that_run(plan) == 1 + 2 + 14 * 3  # of 16 * 17 / 2 = 136 causal tiles
+    plan = tiling.plan(1024, tiling.BlockSizes(64, 64), window=100)
+    assert cost_model.tiles_that_run(plan) == 1 + 2 + 14 * 3  # of 16 * 17 / 2 = 136 causal tiles
     assert forward_flops(local_window_size=100) / full == pytest.approx(45 / 136)
     # Decoding: one 8-row query block over the 16 key blocks, 16 * 8 / (136 * 64) of the work.
     assert forward_flops(query_length=1) / full == pytest.approx(16 * 8 / (136 * 64))

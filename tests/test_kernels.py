@@ -15,12 +15,12 @@ from flax import nnx
 
 from method_direct import direct
 from runway_jax import attention, kernels
-from runway_jax.kernels import common, reference
+from runway_jax.kernels import layouts, tiling, reference
 from test_attention import make_inputs, make_segments
 
 TARGETS = kernels.KERNELS
 NAMES = ["query", "key", "value", "runway_query", "runway_key"]
-SMALL_BLOCKS = common.BlockSizes(block_q=8, block_k=8, heads_per_program=2)
+SMALL_BLOCKS = tiling.BlockSizes(block_q=8, block_k=8, heads_per_program=2)
 
 # (coefficient, span, batch, T, H, H_kv, d, segments, blocks): together every case of the issue --
 # T not a multiple of the block, T = 1, segments, GQA, both spans, both coefficient kinds.
@@ -28,7 +28,7 @@ CASES = {
     "exact-bilinear-gqa-segments": ("bilinear", "exact", 2, 19, 2, 1, 8, True, SMALL_BLOCKS),
     "prefix-dot-gqa-segments": ("dot", "prefix", 2, 19, 4, 2, 8, True, SMALL_BLOCKS),
     "exact-dot-unequal-blocks": ("dot", "exact", 1, 21, 2, 2, 8,  False,
-                                 common.BlockSizes(block_q=16, block_k=8, heads_per_program=1)),
+                                 tiling.BlockSizes(block_q=16, block_k=8, heads_per_program=1)),
     "prefix-bilinear-T1": ("bilinear", "prefix", 2, 1, 2, 1, 8, False, SMALL_BLOCKS),
 }
 
@@ -81,8 +81,8 @@ def test_kernel_residuals_equal_the_reference_twin(target):
     coefficient, span, batch, length, heads, kv_heads, width, _, blocks = CASES[
         "exact-bilinear-gqa-segments"]
     inputs = make_inputs(22, batch, length, heads, kv_heads, width)
-    plan = common.plan(length, blocks)
-    arrays = common.to_kernel_layout(*inputs, make_segments(22, batch, length), plan)
+    plan = tiling.plan(length, blocks)
+    arrays = layouts.to_kernel_layout(*inputs, make_segments(22, batch, length), plan)
     options = dict(plan=plan, beta=0.8, runway_coefficient=coefficient, runway_span=span,
                    scale=width ** -0.5)
     got = kernels.forward(*arrays, implementation=interpreted(target), block_sizes=blocks,
@@ -96,8 +96,8 @@ def test_kernel_residuals_equal_the_reference_twin(target):
 def twin_residuals(seed, coefficient, span, blocks=SMALL_BLOCKS, batch=2, length=19, heads=4,
                    kv_heads=2, width=8):
     inputs = make_inputs(seed, batch, length, heads, kv_heads, width)
-    plan = common.plan(length, blocks)
-    arrays = common.to_kernel_layout(*inputs, make_segments(seed, batch, length), plan)
+    plan = tiling.plan(length, blocks)
+    arrays = layouts.to_kernel_layout(*inputs, make_segments(seed, batch, length), plan)
     options = dict(plan=plan, beta=0.8, runway_coefficient=coefficient, runway_span=span,
                    scale=width ** -0.5)
     forward = reference.batched_rewired_forward(*arrays, **options)
@@ -114,10 +114,10 @@ def test_reference_twin_backward_matches_autodiff_of_direct_evaluation(coefficie
                                                                            out_grad)
     segments = arrays[5][:, :19]
     length = inputs[0].shape[1]
-    cotangent = common.from_kernel_layout(out_grad, length)
+    cotangent = layouts.from_kernel_layout(out_grad, length)
     _, vjp = jax.vjp(lambda *a: direct(*a, beta=0.8, runway_coefficient=coefficient,
                                        runway_span=span, segment_ids=segments)[0], *inputs)
-    got = [common.from_kernel_layout(g, length) for g in grads[:3]] + [g[:, :length] for g in grads[3:5]]
+    got = [layouts.from_kernel_layout(g, length) for g in grads[:3]] + [g[:, :length] for g in grads[3:5]]
     for name, g, w in zip(NAMES, got, vjp(cotangent)):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=0, err_msg=f"d{name}")
 
@@ -144,15 +144,15 @@ def test_backward_kernels_equal_the_reference_twin(target, coefficient, span):
 def test_reference_twin_matches_dense_reference(span):
     inputs = make_inputs(23, 1, 13, 2, 1, 8)
     segments = make_segments(23, 1, 13)
-    plan = common.plan(13, common.BlockSizes(8, 8))
-    arrays = common.to_kernel_layout(*inputs, segments, plan)
+    plan = tiling.plan(13, tiling.BlockSizes(8, 8))
+    arrays = layouts.to_kernel_layout(*inputs, segments, plan)
     out, *_ = reference.batched_rewired_forward(*arrays, plan=plan, beta=1.0,
                                                 runway_coefficient="dot", runway_span=span,
                                                 scale=8 ** -0.5)
     want = attention.rewired_attention(*inputs, beta=1.0, runway_coefficient="dot",
                                        runway_span=span, segment_ids=segments,
                                        implementation="reference")
-    np.testing.assert_allclose(common.from_kernel_layout(out, 13), want, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(layouts.from_kernel_layout(out, 13), want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("coefficient,span", [("bilinear", "exact"), ("dot", "prefix")])
@@ -413,13 +413,13 @@ def test_gpu_kernel_rejects_non_power_of_two_width_and_traced_scale():
     (dict(heads_per_program=0), "heads_per_program=0"), (dict(num_warps=0), "num_warps=0")])
 def test_block_sizes_validate_themselves(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
-        common.BlockSizes(**kwargs)
+        tiling.BlockSizes(**kwargs)
 
 
 @pytest.mark.parametrize("length,expected", [(1, (8, 8, 8)), (19, (32, 32, 32)),
                                               (300, (128, 128, 384)), (4096, (128, 128, 4096))])
 def test_plan_shrinks_blocks_and_pads(length, expected):
-    plan = common.plan(length, common.BlockSizes.tpu_default())
+    plan = tiling.plan(length, tiling.BlockSizes.tpu_default())
     assert (plan.block_q, plan.block_k, plan.padded_length) == expected
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from runway_jax import attention, blockwise, kernels
-from runway_jax.kernels import common
+from runway_jax.kernels import tiling
 from runway_jax.masking import seen_by_rows
 from test_attention import make_inputs
 
@@ -25,7 +25,7 @@ LENGTH, HEADS, KV_HEADS, WIDTH = 13, 2, 1, 8  # T = 13: padded to 16 by 8-row ke
 CAUSAL_POSITION = 9  # in the second 8-row tile, beside row 8 that cannot see it
 SECOND_DOCUMENT = 7  # documents [0, 7) and [7, 13)
 DOCUMENT_POSITION = 3
-SMALL_BLOCKS = common.BlockSizes(block_q=8, block_k=8, heads_per_program=2)
+SMALL_BLOCKS = tiling.BlockSizes(block_q=8, block_k=8, heads_per_program=2)
 POISONS = (jnp.nan, jnp.inf)
 
 

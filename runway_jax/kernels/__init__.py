@@ -5,7 +5,10 @@
 * :mod:`runway_jax.kernels.mosaic_gpu` -- Mosaic GPU (Hopper) forward kernels, tested in the
   Mosaic GPU interpreter and lowered for CUDA; not yet an implementation (no backward pass).
 * :mod:`runway_jax.kernels.reference` -- their pure-``jnp`` twin (same tiles, same order).
-* :mod:`runway_jax.kernels.common` -- block sizes, layout, tile mathematics, cost model.
+* What the targets share, one concept per file: :mod:`runway_jax.kernels.tiling` (block sizes,
+  the plan of a call, which tiles run), :mod:`runway_jax.kernels.layouts` (token-major to padded
+  head-major and back, gradient assembly), :mod:`runway_jax.kernels.tile_math` (the tile
+  mathematics of METHOD (3b)-(3d)) and :mod:`runway_jax.kernels.cost_model`.
 * :mod:`runway_jax.kernels.sharding` -- the ``shard_map`` wrapper for sharded ``jit``.
 
 :func:`rewired_attention` here is the differentiable entry point (``jax.custom_vjp``) on the
@@ -48,8 +51,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from runway_jax.kernels import common, gpu, tpu
-from runway_jax.kernels.common import BlockSizes
+from runway_jax.kernels import layouts, tiling, gpu, tpu
+from runway_jax.kernels.tiling import BlockSizes
 from runway_jax.masking import poison_rows, quarantine_nonfinite
 
 KERNELS = ("pallas_tpu", "pallas_gpu")
@@ -77,7 +80,7 @@ def default_block_sizes(implementation: str) -> BlockSizes:
 def forward(*arrays, implementation, plan, beta, runway_coefficient, runway_span, scale,
             block_sizes, cap=None, runway=None):
     """Run one implementation's forward kernels on
-    :class:`runway_jax.kernels.common.KernelInputs`: ``(out, lse, runway_lse, u)``."""
+    :class:`runway_jax.kernels.layouts.KernelInputs`: ``(out, lse, runway_lse, u)``."""
     kernel, interpret = kernel_of(implementation)
     options = dict(plan=plan, beta=beta, runway_coefficient=runway_coefficient,
                    runway_span=runway_span,
@@ -116,10 +119,10 @@ def rewired_attention(query, key, value, runway_query, runway_key, *, implementa
     if jnp.shape(beta) != ():
         raise ValueError(f"{name}: beta must be a scalar, got shape {jnp.shape(beta)}.")
     width = query.shape[-1]
-    runway = common.runs_runway_head(beta)
+    runway = tiling.runs_runway_head(beta)
     options = _Options(implementation=implementation, runway=runway,
                        runway_coefficient=runway_coefficient, runway_span=runway_span,
-                       scale=common.scale_as_float(scale, width), window=local_window_size,
+                       scale=tiling.scale_as_float(scale, width), window=local_window_size,
                        cap=None if logits_soft_cap is None else float(logits_soft_cap),
                        block_sizes=block_sizes)
     if segment_ids is None:
@@ -164,7 +167,7 @@ class _Options:
     block_sizes: BlockSizes
 
     def plan(self, query, key, key_value_seq_lengths):
-        return common.plan(query.shape[1], self.block_sizes, key_length=key.shape[1],
+        return tiling.plan(query.shape[1], self.block_sizes, key_length=key.shape[1],
                            window=self.window, ragged=key_value_seq_lengths is not None)
 
     def kernel_options(self, plan):
@@ -180,14 +183,14 @@ def _run_forward(options, query, key, value, runway_query, runway_key, beta, seg
     """Forward kernels on the public layout: ``(out [B, Tq, H, d], residuals in kernel
     layout)``."""
     plan = options.plan(query, key, key_value_seq_lengths)
-    arrays = common.to_kernel_layout(query, key, value, runway_query, runway_key, segment_ids,
-                                     plan, key_value_seq_lengths)
+    arrays = layouts.to_kernel_layout(query, key, value, runway_query, runway_key, segment_ids,
+                                      plan, key_value_seq_lengths)
     out, lse, runway_lse, summary = forward(
         *arrays, implementation=options.implementation, plan=plan, beta=beta,
         runway_coefficient=options.runway_coefficient, runway_span=options.runway_span,
         scale=options.scale, block_sizes=options.block_sizes, cap=options.cap,
         runway=options.runway)
-    return (common.from_kernel_layout(out, query.shape[1]),
+    return (layouts.from_kernel_layout(out, query.shape[1]),
             (*arrays, out, lse, runway_lse, summary, beta))
 
 
@@ -215,7 +218,7 @@ def _fused_backward(options, residuals, cotangent):
     kernel_residuals, (query, key, runway_query), key_value_seq_lengths = residuals
     *kernel_residuals, beta = kernel_residuals
     plan = options.plan(query, key, key_value_seq_lengths)
-    out_grad = jnp.swapaxes(common.pad_length(cotangent, plan.padded_query_length), 1, 2)
+    out_grad = jnp.swapaxes(layouts.pad_length(cotangent, plan.padded_query_length), 1, 2)
     backward_options = dict(options.kernel_options(plan), beta=beta)
     if kernel_of(options.implementation)[0] == "pallas_tpu":
         grads = tpu.backward(*kernel_residuals, out_grad, **backward_options)
@@ -225,9 +228,9 @@ def _fused_backward(options, residuals, cotangent):
     dq, dk, dv, d_runway_query, d_runway_key, d_beta = grads
     query_length, key_length = query.shape[1], key.shape[1]
     runway_layout = lambda g: g[:, :key_length].astype(runway_query.dtype)
-    return (common.from_kernel_layout(dq, query_length).astype(query.dtype),
-            common.from_kernel_layout(dk, key_length).astype(key.dtype),
-            common.from_kernel_layout(dv, key_length).astype(key.dtype),
+    return (layouts.from_kernel_layout(dq, query_length).astype(query.dtype),
+            layouts.from_kernel_layout(dk, key_length).astype(key.dtype),
+            layouts.from_kernel_layout(dv, key_length).astype(key.dtype),
             runway_layout(d_runway_query), runway_layout(d_runway_key),
             d_beta.astype(jnp.float32), None, None)
 

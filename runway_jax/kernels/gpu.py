@@ -39,11 +39,11 @@ float32 atomic adds (the TPU kernel, whose grid runs sequentially, keeps them in
 The options of METHOD (7): every program reads its rows' positions (``[Bq]`` int32, -1 for
 padding; fewer queries than keys and per-row ``key_value_seq_lengths`` move them) and loops only
 over the key blocks from the first that its rows' ``local_window_size`` reaches to the last at or
-below its diagonal (:func:`runway_jax.kernels.common.key_block_range`): blocks outside the window
+below its diagonal (:func:`runway_jax.kernels.tiling.key_block_range`): blocks outside the window
 are skipped, not masked. ``logits_soft_cap`` caps the logits after every bias (eqs. (7b), (7c));
 ``beta`` is a runtime ``[1]`` float32 operand, so it may be traced.
 
-Layouts: see :mod:`runway_jax.kernels.common`. Every loaded tile has power-of-two sides (Triton's
+Layouts: see :mod:`runway_jax.kernels.layouts`. Every loaded tile has power-of-two sides (Triton's
 requirement): ``Bq``, ``Bk`` and ``d`` must be powers of two.
 """
 
@@ -56,10 +56,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from runway_jax.kernels import common
+from runway_jax.kernels import cost_model, layouts, tile_math, tiling
 
 
-def heads_per_program(heads, block_sizes: common.BlockSizes) -> int:
+def heads_per_program(heads, block_sizes: tiling.BlockSizes) -> int:
     """Rewired heads one program serves: ``block_sizes.heads_per_program`` (all when ``None``),
     at most ``heads``. When it does not divide ``heads`` the kernels add zero heads up to a
     multiple (see :func:`pad_heads`): 15 rewired heads (a 16-head layer) in groups of 2 run as
@@ -95,17 +95,17 @@ def _check_width(width):
 
 def _rows_range(plan, positions):
     """``(first, last)`` key blocks of a query block whose rows sit at ``positions`` ``[Bq]``
-    (-1 for padded rows): :func:`runway_jax.kernels.common.key_block_range` of its real rows."""
+    (-1 for padded rows): :func:`runway_jax.kernels.tiling.key_block_range` of its real rows."""
     last_position = jnp.max(positions)
     first_position = jnp.min(jnp.where(positions >= 0, positions, plan.padded_key_length))
-    return common.key_block_range(first_position, last_position, plan)
+    return tiling.key_block_range(first_position, last_position, plan)
 
 
 def _tile_masks(plan, query_positions, key_block, query_segments, key_segments_ref):
     key_positions = key_block * plan.block_k + jnp.arange(plan.block_k)[None, :]
     key_segments = key_segments_ref[pl.ds(key_block * plan.block_k, plan.block_k)][None, :]
-    return common.tile_masks(query_positions, key_positions, query_segments, key_segments,
-                             window=plan.window)
+    return tile_math.tile_masks(query_positions, key_positions, query_segments, key_segments,
+                                window=plan.window)
 
 
 def _compiler_params(block_sizes):
@@ -124,18 +124,18 @@ def _runway_statistics_kernel(runway_query_rows_ref, runway_key_rows_ref, values
         cols = pl.ds(key_block * plan.block_k, plan.block_k)
         visible, _ = _tile_masks(plan, query_positions, key_block, query_segments,
                                  key_segments_ref)
-        logits = common.runway_logits(runway_query_rows, runway_key_ref[cols, :], scale, cap)
-        return common.online_softmax_step(*stats, logits, visible,
-                                          values_ref[cols, :].astype(jnp.float32))
+        logits = tile_math.runway_logits(runway_query_rows, runway_key_ref[cols, :], scale, cap)
+        return tile_math.online_softmax_step(*stats, logits, visible,
+                                             values_ref[cols, :].astype(jnp.float32))
 
     first, last = _rows_range(plan, positions)
     stats = jax.lax.fori_loop(first, last + 1, step,
-                              common.initial_row_stats(plan.block_q, values_ref.shape[-1]))
-    weighted, lse = common.finish_softmax(*stats)
+                              tile_math.initial_row_stats(plan.block_q, values_ref.shape[-1]))
+    weighted, lse = tile_math.finish_softmax(*stats)
     lse_ref[...] = lse
-    summary_ref[...] = common.runway_summary(weighted, lse, runway_query_rows,
-                                             runway_key_rows_ref[...], values_rows_ref[...],
-                                             scale, cap, sees_itself=query_positions >= 0)
+    summary_ref[...] = tile_math.runway_summary(weighted, lse, runway_query_rows,
+                                                runway_key_rows_ref[...], values_rows_ref[...],
+                                                scale, cap, sees_itself=query_positions >= 0)
 
 
 def _row_specs(plan, width, grid_rank):
@@ -170,9 +170,9 @@ def runway_statistics(runway_query_rows, runway_key_rows, values_rows, runway_ke
         out_shape=[jax.ShapeDtypeStruct((batch, padded, 1), jnp.float32),
                    jax.ShapeDtypeStruct((batch, padded, width), jnp.float32)],
         compiler_params=_compiler_params(block_sizes),
-        cost_estimate=common.cost_estimate(pl, batch, 0, 0, width,
-                                           runway_query_rows.dtype.itemsize, plan_=plan,
-                                           statistics_pass=True, soft_cap=cap is not None),
+        cost_estimate=cost_model.cost_estimate(pl, batch, 0, 0, width,
+                                               runway_query_rows.dtype.itemsize, plan_=plan,
+                                               statistics_pass=True, soft_cap=cap is not None),
         interpret=interpret,
         name="runway_statistics",
     )(runway_query_rows, runway_key_rows, values_rows, runway_key, values, positions,
@@ -204,28 +204,28 @@ def _rewired_forward_kernel(query_ref, key_ref, value_ref, runway_query_rows_ref
             keys_block = runway_key_ref[cols, :].astype(jnp.float32)  # Z_J
             probs = None
             if runway_span == "exact":  # the prefix span needs no A in this pass
-                logits = common.runway_logits(runway_query_rows, runway_key_ref[cols, :], scale,
-                                              cap)
+                logits = tile_math.runway_logits(runway_query_rows, runway_key_ref[cols, :], scale,
+                                                 cap)
                 probs = jnp.where(visible, jnp.exp(logits - runway_lse), 0.0)  # A_IJ
-            rho = common.runway_coefficients_tile(probs, summary, earlier, values_block,
-                                                  keys_block, visible, distance,
-                                                  runway_span=runway_span, scale=scale)
+            rho = tile_math.runway_coefficients_tile(probs, summary, earlier, values_block,
+                                                     keys_block, visible, distance,
+                                                     runway_span=runway_span, scale=scale)
             if runway_span == "exact":
-                earlier = earlier + common.dot(probs, values_block)  # S_I += A_IJ W_J
+                earlier = earlier + tile_math.dot(probs, values_block)  # S_I += A_IJ W_J
         new_stats = []
         for h in range(group_heads):  # rho is shared by the heads of the group (METHOD (3c))
-            logits = common.rewired_logits(queries[h], key_ref[kv_heads[h], cols, :], rho,
-                                           beta=beta, scale=scale, cap=cap)
-            new_stats.append(common.online_softmax_step(*stats[h], logits, visible,
-                                                        value_ref[kv_heads[h], cols, :]))
+            logits = tile_math.rewired_logits(queries[h], key_ref[kv_heads[h], cols, :], rho,
+                                              beta=beta, scale=scale, cap=cap)
+            new_stats.append(tile_math.online_softmax_step(*stats[h], logits, visible,
+                                                           value_ref[kv_heads[h], cols, :]))
         return earlier, tuple(new_stats)
 
     initial = (jnp.zeros((plan.block_q, width), jnp.float32),
-               tuple(common.initial_row_stats(plan.block_q, width) for _ in range(group_heads)))
+               tuple(tile_math.initial_row_stats(plan.block_q, width) for _ in range(group_heads)))
     first, last = _rows_range(plan, positions)
     _, stats = jax.lax.fori_loop(first, last + 1, step, initial)
     for h in range(group_heads):
-        out, lse = common.finish_softmax(*stats[h])
+        out, lse = tile_math.finish_softmax(*stats[h])
         out_ref[h] = out.astype(out_ref.dtype)
         lse_ref[h] = lse
 
@@ -259,11 +259,11 @@ def rewired_forward(query, key, value, runway_query_rows, runway_key, values, ru
         out_shape=[jax.ShapeDtypeStruct(query.shape, query.dtype),
                    jax.ShapeDtypeStruct((batch, heads, padded, 1), jnp.float32)],
         compiler_params=_compiler_params(block_sizes),
-        cost_estimate=common.cost_estimate(pl, batch, heads, kv_heads, width,
-                                           query.dtype.itemsize, plan_=plan,
-                                           runway_span=runway_span,
-                                           runway=runway, head_groups=heads // group_heads,
-                                           soft_cap=cap is not None),
+        cost_estimate=cost_model.cost_estimate(pl, batch, heads, kv_heads, width,
+                                               query.dtype.itemsize, plan_=plan,
+                                               runway_span=runway_span,
+                                               runway=runway, head_groups=heads // group_heads,
+                                               soft_cap=cap is not None),
         interpret=interpret,
         name="rewired_attention_forward",
     )(query, key, value, runway_query_rows, runway_key, values, runway_lse, summary, positions,
@@ -278,13 +278,13 @@ def _beta_array(beta):
 def forward(query, key, value, runway_query, runway_key, segment_ids, query_segments,
             runway_query_rows, runway_key_rows, offsets, *, plan, beta, runway_coefficient,
             runway_span, scale, cap=None, runway=None, block_sizes, interpret=False):
-    """Both passes on :class:`runway_jax.kernels.common.KernelInputs`: ``(out, lse, runway_lse,
+    """Both passes on :class:`runway_jax.kernels.layouts.KernelInputs`: ``(out, lse, runway_lse,
     summary)`` in kernel layout. ``runway`` (default: unless ``beta`` is the Python number 0)
     runs the runway head."""
-    runway = common.runs_runway_head(beta) if runway is None else runway
+    runway = tiling.runs_runway_head(beta) if runway is None else runway
     values = runway_query if runway_coefficient == "bilinear" else runway_key
     values_rows = runway_query_rows if runway_coefficient == "bilinear" else runway_key_rows
-    positions = common.row_positions(offsets, plan)
+    positions = layouts.row_positions(offsets, plan)
     if not runway:  # standard attention (METHOD (6), invariant 1): no runway work at all
         runway_lse = jnp.zeros(runway_query_rows.shape[:2] + (1,), jnp.float32)
         summary = jnp.zeros(runway_query_rows.shape, jnp.float32)
@@ -317,23 +317,18 @@ def _backward_tile(plan, key_block, cols, head_group, group_heads, groups, refs,
                                     key_segments_ref)
     probs = values_block = keys_block = slope = rho = None
     if runway:
-        values_block = values_ref[cols, :].astype(jnp.float32)  # W_J
-        keys_block = runway_key_ref[cols, :].astype(jnp.float32)  # Z_J
-        logits, slope = common.soft_cap_and_slope(
-            common.runway_logits(runway_query_rows, runway_key_ref[cols, :], scale), cap)
-        probs = jnp.where(visible, jnp.exp(logits - runway_lse), 0.0)  # A_IJ
-        rho = common.runway_coefficients_tile(probs, summary, earlier, values_block, keys_block,
-                                              visible, distance, runway_span=runway_span,
-                                              scale=scale)
+        probs, rho, values_block, keys_block, slope = tile_math.runway_tile_recompute(
+            visible, distance, runway_query_rows, runway_lse, runway_key_ref[cols, :],
+            values_ref[cols, :], summary, earlier, runway_span=runway_span, scale=scale, cap=cap)
     head_tiles = []
     for h in range(group_heads):
         kv_head = _kv_head(head_group, group_heads, h, groups, key_ref.shape[0])
-        head_tiles.append(common.head_backward_tile(
+        head_tiles.append(tile_math.head_backward_tile(
             query_ref[h], key_ref[kv_head, cols, :], value_ref[kv_head, cols, :],
             out_grad_ref[h], lse_ref[h], out_dot_ref[h], rho, visible, beta=beta, scale=scale,
             cap=cap))
-    defined = visible & (distance >= 2) if runway_span == "exact" else visible
-    drho = jnp.where(defined, -beta * sum(ds for _, ds in head_tiles), 0.0)
+    drho = tile_math.defined_drho(head_tiles, visible, distance, runway_span=runway_span,
+                                  beta=beta)
     return distance, probs, rho, values_block, keys_block, head_tiles, drho, slope
 
 
@@ -358,7 +353,7 @@ def _backward_query_kernel(query_ref, key_ref, value_ref, out_grad_ref, lse_ref,
         _, probs, rho, values_block, keys_block, head_tiles, drho, _ = _backward_tile(
             plan, key_block, cols, head_group, group_heads, groups, refs, rows_data, earlier,
             runway=runway, beta=beta, runway_span=runway_span, scale=scale, cap=cap)
-        dq = tuple(dq[h] + scale * common.dot(
+        dq = tuple(dq[h] + scale * tile_math.dot(
             ds.astype(key_ref.dtype),
             key_ref[_kv_head(head_group, group_heads, h, groups, key_ref.shape[0]), cols, :])
             for h, (_, ds) in enumerate(head_tiles))
@@ -366,9 +361,9 @@ def _backward_query_kernel(query_ref, key_ref, value_ref, out_grad_ref, lse_ref,
             rho_dot = rho_dot + jnp.sum(rho * sum(ds for _, ds in head_tiles), axis=1,
                                         keepdims=True)
             if runway_span == "prefix":
-                summary_grad = summary_grad + scale * common.dot(drho, keys_block)
+                summary_grad = summary_grad + scale * tile_math.dot(drho, keys_block)
             else:
-                earlier = earlier + common.dot(probs, values_block)
+                earlier = earlier + tile_math.dot(probs, values_block)
         return dq, earlier, rho_dot, summary_grad
 
     zeros = jnp.zeros((plan.block_q, width), jnp.float32)
@@ -414,25 +409,25 @@ def _backward_key_kernel(query_ref, key_ref, value_ref, out_grad_ref, lse_ref, o
         for h, (probs_h, ds) in enumerate(head_tiles):
             kv_head = _kv_head(head_group, group_heads, h, groups, key_ref.shape[0])
             pltriton.atomic_add(dk_ref, (kv_head, cols, slice(None)),
-                                scale * common.dot(ds.T.astype(query_ref.dtype), query_ref[h]))
-            pltriton.atomic_add(dv_ref, (kv_head, cols, slice(None)), common.dot(
+                                scale * tile_math.dot(ds.T.astype(query_ref.dtype), query_ref[h]))
+            pltriton.atomic_add(dv_ref, (kv_head, cols, slice(None)), tile_math.dot(
                 probs_h.T.astype(out_grad_ref.dtype), out_grad_ref[h]))
         if runway:
-            dprobs, dz, dw = common.runway_backward_tile(
+            dprobs, dz, dw = tile_math.runway_backward_tile(
                 probs, drho, distance, values_block, keys_block, runway_span=runway_span,
                 scale=scale, prefix_sum=prefix_sum, summary_grad=summary_grad, earlier=earlier,
                 summary=rows_data[2])
             dlogits = probs * (dprobs - delta)
             if slope is not None:
                 dlogits = dlogits * slope  # through the soft cap, eq. (7b)
-            d_runway_query = d_runway_query + scale * common.dot(dlogits, keys_block)
-            pltriton.atomic_add(d_runway_key_ref, (cols, slice(None)), scale * common.dot(
+            d_runway_query = d_runway_query + scale * tile_math.dot(dlogits, keys_block)
+            pltriton.atomic_add(d_runway_key_ref, (cols, slice(None)), scale * tile_math.dot(
                 dlogits.T, runway_query_rows.astype(jnp.float32)))
             pltriton.atomic_add(dz_ref, (cols, slice(None)), dz)
             pltriton.atomic_add(dw_ref, (cols, slice(None)), dw)
             if runway_span == "exact":
-                earlier = earlier + common.dot(probs, values_block)
-                prefix_sum = prefix_sum + common.dot(drho, keys_block)
+                earlier = earlier + tile_math.dot(probs, values_block)
+                prefix_sum = prefix_sum + tile_math.dot(drho, keys_block)
         return earlier, prefix_sum, d_runway_query
 
     zeros = jnp.zeros((plan.block_q, width), jnp.float32)
@@ -453,7 +448,7 @@ def backward(query, key, value, runway_query, runway_key, segment_ids, query_seg
     key-indexed twin GK adds ``dk``, ``dv``, ``dk^r``, ``dz`` and ``dw`` with float32 atomic adds
     (the exact span's row prefixes ``S_i``, ``R_i`` only exist in query-major order, so there is
     no key-major pass)."""
-    runway = common.runs_runway_head(beta) if runway is None else runway
+    runway = tiling.runs_runway_head(beta) if runway is None else runway
     real_heads, kv_heads = query.shape[1], key.shape[1]
     f32 = jnp.float32
     group_heads = heads_per_program(real_heads, block_sizes)
@@ -465,7 +460,7 @@ def backward(query, key, value, runway_query, runway_key, segment_ids, query_seg
     num_groups = heads // group_heads
     values = runway_query if runway_coefficient == "bilinear" else runway_key
     out_dot = jnp.sum(out_grad.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
-    positions = common.row_positions(offsets, plan)
+    positions = layouts.row_positions(offsets, plan)
     beta_array = _beta_array(beta)
     bq = plan.block_q
     options = dict(plan=plan, runway=runway, runway_span=runway_span, scale=scale, cap=cap,
@@ -478,8 +473,8 @@ def backward(query, key, value, runway_query, runway_key, segment_ids, query_seg
     per_group_stats = pl.BlockSpec((None, None, bq, 1), lambda b, i, g: (b, g, i, 0))
     per_group_rows = pl.BlockSpec((None, None, bq, width), lambda b, i, g: (b, g, i, 0))
     grid = (batch, plan.num_query_blocks, num_groups)
-    cost_of = functools.partial(common.backward_pass_estimate, pl, batch, heads, kv_heads, width,
-                                query.dtype.itemsize, plan_=plan, runway_span=runway_span,
+    cost_of = functools.partial(cost_model.backward_pass_estimate, pl, batch, heads, kv_heads,
+                                width, query.dtype.itemsize, plan_=plan, runway_span=runway_span,
                                 runway=runway, head_groups=num_groups, soft_cap=cap is not None)
     shared_inputs = (query, key, value, out_grad, lse, out_dot, runway_query_rows, runway_key,
                      values, runway_lse, summary, positions, query_segments, segment_ids,
@@ -521,6 +516,6 @@ def backward(query, key, value, runway_query, runway_key, segment_ids, query_seg
         compiler_params=_compiler_params(block_sizes), cost_estimate=cost_of(key_pass=True),
         interpret=interpret, name="rewired_attention_backward_keys",
     )(*shared_inputs, delta, summary_grad, *accumulators)
-    return common.runway_gradients(dq[:, :real_heads], dk, dv, d_runway_query_rows.sum(axis=1),
-                                   d_runway_key, dz, dw, rho_dot, offsets, plan=plan,
-                                   runway_coefficient=runway_coefficient)
+    return layouts.runway_gradients(dq[:, :real_heads], dk, dv, d_runway_query_rows.sum(axis=1),
+                                    d_runway_key, dz, dw, rho_dot, offsets, plan=plan,
+                                    runway_coefficient=runway_coefficient)

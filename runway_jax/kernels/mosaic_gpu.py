@@ -48,7 +48,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from runway_jax.kernels import common
+from runway_jax.kernels import cost_model, layouts, tile_math, tiling
 from runway_jax.masking import MASK_VALUE
 
 MIN_BLOCK = 64  # WGMMA tiles have 64 rows (M) and a 64-element bf16 swizzle row
@@ -66,9 +66,9 @@ def interpret_params():
     return params()
 
 
-def plan(query_length, block_sizes: common.BlockSizes, *, key_length=None, window=None,
-         ragged=False) -> common.Plan:
-    """:func:`runway_jax.kernels.common.plan` with WGMMA-sized blocks: the requested ones, shrunk
+def plan(query_length, block_sizes: tiling.BlockSizes, *, key_length=None, window=None,
+         ragged=False) -> tiling.Plan:
+    """:func:`runway_jax.kernels.tiling.plan` with WGMMA-sized blocks: the requested ones, shrunk
     for short sequences to the next power of two >= T but never below 64; padded alike."""
     key_length = query_length if key_length is None else key_length
     fit = lambda block, n: max(MIN_BLOCK, min(block, 1 << (max(n, 1) - 1).bit_length()))
@@ -79,7 +79,7 @@ def plan(query_length, block_sizes: common.BlockSizes, *, key_length=None, windo
         padded_query = padded_key = pad(query_length, max(block_q, block_k))
     else:
         padded_query, padded_key = pad(query_length, block_q), pad(key_length, block_k)
-    return common.Plan(query_length, key_length, block_q, block_k, padded_query, padded_key,
+    return tiling.Plan(query_length, key_length, block_q, block_k, padded_query, padded_key,
                        window, ragged)
 
 
@@ -104,15 +104,15 @@ def flop_ratio(heads=16, width=128, length=4096, *, runway_span="exact", block_q
                heads_per_program=None):
     """FLOPs of this forward (runway head + ``heads - 1`` rewired heads, METHOD (1)) over those of
     standard causal attention with ``heads`` heads, by the cost model of
-    :func:`runway_jax.kernels.common.plan_forward_cost`; each of the ``ceil((H - 1) / G)``
+    :func:`runway_jax.kernels.cost_model.plan_forward_cost`; each of the ``ceil((H - 1) / G)``
     programs of a query block forms rho once, padded heads count. H = 16, d = 128: 1.16 (exact)
     and 1.03 (prefix) for G = 15; 1.47 / 1.09 for G = 5; 2.31 / 1.31 for G = 2."""
     group = head_group(heads - 1, heads_per_program)
     groups = -(-(heads - 1) // group)
     flops = forward_cost(1, length, groups * group, 1, width, 2, runway_span=runway_span,
                          block_q=block_q, block_k=block_k, head_groups=groups)[0]
-    standard = common.standard_attention_cost(1, length, heads, heads, width, 2,
-                                              block_q=block_q, block_k=block_k)[0]
+    standard = cost_model.standard_attention_cost(1, length, heads, heads, width, 2,
+                                                  block_q=block_q, block_k=block_k)[0]
     return flops / standard
 
 
@@ -121,10 +121,10 @@ def forward_cost(batch, length, heads, kv_heads, width, itemsize, *, runway_span
     """``(flops, transcendentals, hbm_bytes)`` of the two kernels (METHOD (3c)): the common cost
     model with this kernel's tiles; ``head_groups`` programs per query block each form rho."""
     plan_ = plan(length if query_length is None else query_length,
-                 common.BlockSizes(block_q=block_q, block_k=block_k), key_length=length,
+                 tiling.BlockSizes(block_q=block_q, block_k=block_k), key_length=length,
                  window=window)
-    return common.plan_forward_cost(batch, plan_, heads, kv_heads, width, itemsize,
-                                    runway_span=runway_span, head_groups=head_groups)
+    return cost_model.plan_forward_cost(batch, plan_, heads, kv_heads, width, itemsize,
+                                        runway_span=runway_span, head_groups=head_groups)
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,12 +188,12 @@ def _masks(io, plan_, row_positions, row_segments, key_block, key_segments):
     """``visible`` (eq. (7a)) and ``distance = i - j`` of a ``[Bq, Bk]`` tile."""
     shape = (plan_.block_q, plan_.block_k)
     keys = key_block * plan_.block_k + io.iota(shape, 1)
-    return common.tile_masks(_rows(row_positions, shape), keys, _rows(row_segments, shape),
-                             lax.broadcast_in_dim(key_segments, shape, [1]), window=plan_.window)
+    return tile_math.tile_masks(_rows(row_positions, shape), keys, _rows(row_segments, shape),
+                                lax.broadcast_in_dim(key_segments, shape, [1]), window=plan_.window)
 
 
 def _softmax_step(stats, logits, visible, probs_smem, values_smem):
-    """One key tile of the online softmax (as ``common.online_softmax_step``); ``P`` goes through
+    """One key tile of the online softmax (as ``tile_math.online_softmax_step``); ``P`` goes through
     SMEM as the left operand of ``P V``."""
     max_so_far, sum_so_far, accumulator = stats
     logits = jnp.where(visible, logits, MASK_VALUE)
@@ -207,7 +207,7 @@ def _softmax_step(stats, logits, visible, probs_smem, values_smem):
 
 
 def _finish(stats):
-    """Normalized output and log-sum-exp (as ``common.finish_softmax``)."""
+    """Normalized output and log-sum-exp (as ``tile_math.finish_softmax``)."""
     max_so_far, sum_so_far, accumulator = stats
     empty = sum_so_far == 0.0
     safe_sum = jnp.where(empty, 1.0, sum_so_far)
@@ -222,7 +222,7 @@ def _key_range(plan_, offsets):
     """``[B, nQ, 32]`` int32: first and one-past-last key block of every query block (zero
     padded to one TMA row)."""
     blocks = jnp.arange(plan_.num_query_blocks, dtype=jnp.int32)[None, :]
-    first, last = common.query_block_key_range(blocks, offsets[:, None], plan_)
+    first, last = tiling.query_block_key_range(blocks, offsets[:, None], plan_)
     first = jnp.broadcast_to(jnp.asarray(first, jnp.int32), last.shape)
     bounds = jnp.stack([first, jnp.maximum(last + 1, first)], axis=-1).astype(jnp.int32)
     return jnp.pad(bounds, ((0, 0), (0, 0), (0, _SCALARS - 2)))
@@ -257,7 +257,7 @@ def _statistics_kernel(runway_query_rows, runway_key_rows, values_rows, keys_t, 
                 (key_segments.at[batch, cols], key_segments_smem))
         visible, _ = _masks(io, plan_, positions, segments, key_block,
                             io.read(key_segments_smem, _COL))
-        logits = common.soft_cap(scale * _mma(query_smem, keys_smem, shape), cap)
+        logits = tile_math.soft_cap(scale * _mma(query_smem, keys_smem, shape), cap)
         return _softmax_step(stats, logits, visible, probs_smem, values_smem)
 
     layout = plgpu.Layout.WGMMA
@@ -268,7 +268,7 @@ def _statistics_kernel(runway_query_rows, runway_key_rows, values_rows, keys_t, 
     # u_i = (A w)_i - A_ii w_i, A_ii from the same statistics (eq. (3b)); padded rows: 0.
     own_query, own_key = (io.read(ref, layout).astype(jnp.float32)
                           for ref in (query_smem, key_rows_smem))
-    diagonal = common.soft_cap(scale * (own_query * own_key).sum(axis=1), cap)
+    diagonal = tile_math.soft_cap(scale * (own_query * own_key).sum(axis=1), cap)
     diagonal = jnp.where(positions >= 0, jnp.exp(diagonal - lse), 0.0)
     own_values = io.read(value_rows_smem, layout).astype(jnp.float32)
     summary_smem[...] = weighted - _rows(diagonal, weighted.shape) * own_values
@@ -338,10 +338,10 @@ def _rewired_kernel(query, keys_t, value, runway_query_rows, runway_lse, summary
     tile = (bq, bk)
 
     def runway_tile(visible, distance, earlier):
-        """``(rho_IJ, S_I + A_IJ W_J)`` of eq. (3b) (as ``common.runway_coefficients_tile``)."""
+        """``(rho_IJ, S_I + A_IJ W_J)`` of eq. (3b) (as ``tile_math.runway_coefficients_tile``)."""
         if runway_span == "prefix":
             return jnp.where(visible, scale * _mma(left_smem, runway_keys_smem, tile), 0.0), None
-        logits = common.soft_cap(scale * _mma(runway_query_smem, runway_keys_smem, tile), cap)
+        logits = tile_math.soft_cap(scale * _mma(runway_query_smem, runway_keys_smem, tile), cap)
         probs = jnp.where(visible, jnp.exp(logits - _rows(runway_row_lse, tile)), 0.0)  # A_IJ
         within = _mma(values_smem, runway_keys_smem, (bk, bk))  # <w_k, z_j>, [k, j]
         _stage(jnp.where(io.iota((bk, bk), 0) <= io.iota((bk, bk), 1), within, 0.0), triu_smem)
@@ -370,7 +370,7 @@ def _rewired_kernel(query, keys_t, value, runway_query_rows, runway_lse, summary
             logits = scale * _mma(query_smem.at[h], keys_smem, tile)
             if rho is not None:
                 logits = logits - beta_value * rho
-            logits = common.soft_cap(logits, cap)
+            logits = tile_math.soft_cap(logits, cap)
             new_stats.append(_softmax_step(stats[h], logits, visible, probs_smem, value_smem))
         return earlier, tuple(new_stats)
 
@@ -428,16 +428,16 @@ def rewired_forward(query, keys_t, value, runway_query_rows, runway_lse, summary
 def forward(query, key, value, runway_query, runway_key, segment_ids, query_segments,
             runway_query_rows, runway_key_rows, offsets, *, plan, beta, runway_coefficient,
             runway_span, scale, cap=None, runway=None, heads_per_program=None, interpret=False):
-    """Both passes on :class:`runway_jax.kernels.common.KernelInputs` (planned by :func:`plan`):
+    """Both passes on :class:`runway_jax.kernels.layouts.KernelInputs` (planned by :func:`plan`):
     ``(out [B, H, Tqp, d], lse [B, H, Tqp, 1], runway_lse [B, Tqp, 1], u [B, Tqp, d])`` as
     ``tpu.forward`` returns them. ``runway`` (default: unless ``beta`` is the Python number 0)
     runs the runway head."""
     _check(plan, query, interpret)
-    runway = common.runs_runway_head(beta) if runway is None else runway
+    runway = tiling.runs_runway_head(beta) if runway is None else runway
     bilinear = runway_coefficient == "bilinear"
     values = runway_query if bilinear else runway_key
     values_rows = runway_query_rows if bilinear else runway_key_rows
-    positions = common.row_positions(offsets, plan)
+    positions = layouts.row_positions(offsets, plan)
     key_ranges = _key_range(plan, offsets)
     runway_keys_t = jnp.swapaxes(runway_key, 1, 2)  # Z^T [B, d, Tkp]: WGMMA's right operand
     if runway:

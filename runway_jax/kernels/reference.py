@@ -1,6 +1,6 @@
 """Reference twin of the fused kernels: the same blocked algorithm (METHOD (3c)) in plain ``jnp``.
 
-It uses the same tile functions from :mod:`runway_jax.kernels.common` as the TPU and GPU kernels,
+It uses the same tile functions from :mod:`runway_jax.kernels.layouts` as the TPU and GPU kernels,
 with Python loops instead of a grid, so a test can compare a kernel with it residual by residual
 (``lse``, ``u``), and the twin itself with the dense ``"reference"`` implementation. It walks
 every tile in the kernels' order, also the tiles that the kernels skip (outside the window or
@@ -8,7 +8,7 @@ above the diagonal): with the per-row offset traced under ``vmap`` the loop boun
 in Python, and a tile that a row cannot see adds exactly zero. It is for tests at small T, not
 for speed.
 
-Layouts (head-major, padded, one batch row): :class:`runway_jax.kernels.common.KernelInputs`
+Layouts (head-major, padded, one batch row): :class:`runway_jax.kernels.layouts.KernelInputs`
 without the batch axis; ``offset`` is the position of query row 0.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from runway_jax.kernels import common
+from runway_jax.kernels import layouts, tile_math
 
 
 def _masks(query_block_index, key_block_index, plan, offset, query_segments, key_segments):
@@ -27,8 +27,8 @@ def _masks(query_block_index, key_block_index, plan, offset, query_segments, key
     key_positions = key_block_index * bk + jnp.arange(bk)[None, :]
     rows = slice(query_block_index * bq, (query_block_index + 1) * bq)
     cols = slice(key_block_index * bk, (key_block_index + 1) * bk)
-    return common.tile_masks(query_positions, key_positions, query_segments[rows, None],
-                             key_segments[None, cols], window=plan.window)
+    return tile_math.tile_masks(query_positions, key_positions, query_segments[rows, None],
+                                key_segments[None, cols], window=plan.window)
 
 
 def runway_statistics(runway_query_rows, runway_key_rows, values_rows, runway_key, values,
@@ -39,19 +39,19 @@ def runway_statistics(runway_query_rows, runway_key_rows, values_rows, runway_ke
     bq, bk = plan.block_q, plan.block_k
     for qi in range(plan.num_query_blocks):
         rows = slice(qi * bq, (qi + 1) * bq)
-        stats = common.initial_row_stats(bq, runway_query_rows.shape[-1])
+        stats = tile_math.initial_row_stats(bq, runway_query_rows.shape[-1])
         for kj in range(plan.num_key_blocks):
             cols = slice(kj * bk, (kj + 1) * bk)
             visible, _ = _masks(qi, kj, plan, offset, query_segments, key_segments)
-            logits = common.runway_logits(runway_query_rows[rows], runway_key[cols], scale, cap)
-            stats = common.online_softmax_step(*stats, logits, visible,
-                                               values[cols].astype(jnp.float32))
-        weighted, lse = common.finish_softmax(*stats)
+            logits = tile_math.runway_logits(runway_query_rows[rows], runway_key[cols], scale, cap)
+            stats = tile_math.online_softmax_step(*stats, logits, visible,
+                                                  values[cols].astype(jnp.float32))
+        weighted, lse = tile_math.finish_softmax(*stats)
         row_index = qi * bq + jnp.arange(bq)[:, None]
         sees_itself = (row_index < plan.query_length) & (offset + row_index >= 0)
-        summary_rows.append(common.runway_summary(weighted, lse, runway_query_rows[rows],
+        summary_rows.append(tile_math.runway_summary(weighted, lse, runway_query_rows[rows],
                                                   runway_key_rows[rows], values_rows[rows], scale,
-                                                  cap, sees_itself=sees_itself))
+                                                     cap, sees_itself=sees_itself))
         lse_rows.append(lse)
     return jnp.concatenate(lse_rows), jnp.concatenate(summary_rows)
 
@@ -74,22 +74,22 @@ def rewired_forward(query, key, value, runway_query, runway_key, segment_ids, qu
     for qi in range(plan.num_query_blocks):
         rows = slice(qi * bq, (qi + 1) * bq)
         earlier = jnp.zeros((bq, query.shape[-1]), jnp.float32)
-        stats = [common.initial_row_stats(bq, query.shape[-1]) for _ in range(heads)]
+        stats = [tile_math.initial_row_stats(bq, query.shape[-1]) for _ in range(heads)]
         for kj in range(plan.num_key_blocks):
             cols = slice(kj * bk, (kj + 1) * bk)
             visible, distance = _masks(qi, kj, plan, offset, query_segments, segment_ids)
-            logits = common.runway_logits(runway_query_rows[rows], runway_key[cols], scale, cap)
+            logits = tile_math.runway_logits(runway_query_rows[rows], runway_key[cols], scale, cap)
             probs = jnp.where(visible, jnp.exp(logits - runway_lse[rows]), 0.0)
-            rho = common.runway_coefficients_tile(
+            rho = tile_math.runway_coefficients_tile(
                 probs, summary[rows], earlier, values_w[cols], keys_z[cols], visible, distance,
                 runway_span=runway_span, scale=scale)
-            earlier = earlier + common.dot(probs, values_w[cols])
+            earlier = earlier + tile_math.dot(probs, values_w[cols])
             for h in range(heads):
-                logits = common.rewired_logits(query[h, rows], key[h // groups, cols], rho,
-                                               beta=beta, scale=scale, cap=cap)
-                stats[h] = common.online_softmax_step(*stats[h], logits, visible,
-                                                      value[h // groups, cols])
-        finished = [common.finish_softmax(*s) for s in stats]
+                logits = tile_math.rewired_logits(query[h, rows], key[h // groups, cols], rho,
+                                                  beta=beta, scale=scale, cap=cap)
+                stats[h] = tile_math.online_softmax_step(*stats[h], logits, visible,
+                                                         value[h // groups, cols])
+        finished = [tile_math.finish_softmax(*s) for s in stats]
         outs.append(jnp.stack([o for o, _ in finished]))
         lses.append(jnp.stack([l for _, l in finished]))
     out = jnp.concatenate(outs, axis=1).astype(query.dtype)
@@ -98,7 +98,7 @@ def rewired_forward(query, key, value, runway_query, runway_key, segment_ids, qu
 
 def batched_rewired_forward(*arrays, **options):
     """:func:`rewired_forward` over the batch axis (``vmap``) of
-    :class:`runway_jax.kernels.common.KernelInputs`."""
+    :class:`runway_jax.kernels.layouts.KernelInputs`."""
     return jax.vmap(lambda *a: rewired_forward(*a, **options))(*arrays)
 
 
@@ -127,18 +127,15 @@ def rewired_backward(query, key, value, runway_query, runway_key, segment_ids, q
     def tile(qi, kj, earlier):
         rows, cols = slice(qi * bq, (qi + 1) * bq), slice(kj * bk, (kj + 1) * bk)
         visible, distance = _masks(qi, kj, plan, offset, query_segments, segment_ids)
-        logits, slope = common.soft_cap_and_slope(
-            common.runway_logits(runway_query_rows[rows], runway_key[cols], scale), cap)
-        probs = jnp.where(visible, jnp.exp(logits - runway_lse[rows]), 0.0)
-        rho = common.runway_coefficients_tile(probs, summary[rows], earlier, values_w[cols],
-                                              keys_z[cols], visible, distance,
-                                              runway_span=runway_span, scale=scale)
-        head_tiles = [common.head_backward_tile(
+        probs, rho, _, _, slope = tile_math.runway_tile_recompute(
+            visible, distance, runway_query_rows[rows], runway_lse[rows], runway_key[cols],
+            values_w[cols], summary[rows], earlier, runway_span=runway_span, scale=scale, cap=cap)
+        head_tiles = [tile_math.head_backward_tile(
             query[h, rows], key[h // groups, cols], value[h // groups, cols], out_grad[h, rows],
             lse[h, rows], out_dot[h, rows], rho, visible, beta=beta, scale=scale, cap=cap)
             for h in range(heads)]
-        defined = visible & (distance >= 2) if runway_span == "exact" else visible
-        drho = jnp.where(defined, -beta * sum(ds for _, ds in head_tiles), 0.0)
+        drho = tile_math.defined_drho(head_tiles, visible, distance, runway_span=runway_span,
+                                      beta=beta)
         return rows, cols, distance, probs, rho, head_tiles, drho, slope
 
     # Pass BQ.
@@ -150,11 +147,11 @@ def rewired_backward(query, key, value, runway_query, runway_key, segment_ids, q
         for kj in range(plan.num_key_blocks):
             rows, cols, _, probs, rho, head_tiles, drho, _ = tile(qi, kj, earlier)
             for h, (_, ds) in enumerate(head_tiles):
-                dq = dq.at[h, rows].add(scale * common.dot(ds, key[h // groups, cols]))
+                dq = dq.at[h, rows].add(scale * tile_math.dot(ds, key[h // groups, cols]))
             rho_dot = rho_dot.at[rows].add(
                 jnp.sum(rho * sum(ds for _, ds in head_tiles), axis=1, keepdims=True))
-            summary_grad = summary_grad.at[rows].add(scale * common.dot(drho, keys_z[cols]))
-            earlier = earlier + common.dot(probs, values_w[cols])
+            summary_grad = summary_grad.at[rows].add(scale * tile_math.dot(drho, keys_z[cols]))
+            earlier = earlier + tile_math.dot(probs, values_w[cols])
     delta = -beta * rho_dot
 
     # Pass BK.
@@ -171,9 +168,9 @@ def rewired_backward(query, key, value, runway_query, runway_key, segment_ids, q
                 qi, kj, earlier_all[qi * bq:(qi + 1) * bq])
             for h, (p, ds) in enumerate(head_tiles):
                 g = h // groups
-                dk = dk.at[g, cols].add(scale * common.dot(ds.T, query[h, rows]))
-                dv = dv.at[g, cols].add(common.dot(p.T, out_grad[h, rows].astype(f32)))
-            dprobs, dz_tile, dw_tile = common.runway_backward_tile(
+                dk = dk.at[g, cols].add(scale * tile_math.dot(ds.T, query[h, rows]))
+                dv = dv.at[g, cols].add(tile_math.dot(p.T, out_grad[h, rows].astype(f32)))
+            dprobs, dz_tile, dw_tile = tile_math.runway_backward_tile(
                 probs, drho, distance, values_w[cols], keys_z[cols], runway_span=runway_span,
                 scale=scale, prefix_sum=prefix_all[rows], summary_grad=summary_grad[rows],
                 earlier=earlier_all[rows], summary=summary[rows])
@@ -181,13 +178,13 @@ def rewired_backward(query, key, value, runway_query, runway_key, segment_ids, q
             if slope is not None:
                 dlogits = dlogits * slope  # through the soft cap (eq. (7b))
             d_runway_query_rows = d_runway_query_rows.at[rows].add(
-                scale * common.dot(dlogits, keys_z[cols]))
+                scale * tile_math.dot(dlogits, keys_z[cols]))
             d_runway_key = d_runway_key.at[cols].add(
-                scale * common.dot(dlogits.T, runway_query_rows32[rows]))
+                scale * tile_math.dot(dlogits.T, runway_query_rows32[rows]))
             dz, dw = dz.at[cols].add(dz_tile), dw.at[cols].add(dw_tile)
-            earlier_all = earlier_all.at[rows].add(common.dot(probs, values_w[cols]))
-            prefix_all = prefix_all.at[rows].add(common.dot(drho, keys_z[cols]))
-    grads = common.runway_gradients(dq, dk, dv, d_runway_query_rows[None], d_runway_key, dz, dw,
-                                    rho_dot, jnp.reshape(offset, (1,)), plan=plan,
-                                    runway_coefficient=runway_coefficient)
+            earlier_all = earlier_all.at[rows].add(tile_math.dot(probs, values_w[cols]))
+            prefix_all = prefix_all.at[rows].add(tile_math.dot(drho, keys_z[cols]))
+    grads = layouts.runway_gradients(dq, dk, dv, d_runway_query_rows[None], d_runway_key, dz, dw,
+                                     rho_dot, jnp.reshape(offset, (1,)), plan=plan,
+                                     runway_coefficient=runway_coefficient)
     return grads[:3] + (grads[3][0],) + grads[4:]

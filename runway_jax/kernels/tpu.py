@@ -16,7 +16,7 @@ The backward pass (:func:`backward`, METHOD (3d)) is two more pallas_calls; see 
 The options of METHOD (7): query row r of batch row b sits at position ``offsets[b] + r`` (fewer
 queries than keys, per-row ``key_value_seq_lengths``), a scalar-prefetch operand that the index
 maps read. Key step s of query block I is key block ``first(I) + s``
-(:func:`runway_jax.kernels.common.query_block_key_range`): the grid's key axis is only as long as
+(:func:`runway_jax.kernels.tiling.query_block_key_range`): the grid's key axis is only as long as
 the most key blocks one query block sees (``plan.key_steps``: all of them for causal attention,
 about ``(Bq + w) / Bk`` with a ``local_window_size`` w), so key blocks outside the window are not
 even visited; the steps past a block's last needed key block are skipped (``pl.when``) and their
@@ -28,7 +28,7 @@ Row statistics are ``[Bq, 1]`` columns. The runway head's products are float32 (
 statistics and rho in float32); the heads' ``QK^T`` and ``PV`` run in the input dtype with float32
 accumulation.
 
-Layouts: see :mod:`runway_jax.kernels.common`.
+Layouts: see :mod:`runway_jax.kernels.layouts`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from runway_jax.kernels import common
+from runway_jax.kernels import cost_model, layouts, tile_math, tiling
 
 _SEQUENTIAL_KEYS = ("parallel", "parallel", "arbitrary")
 # beta lives in SMEM as a [1, 1] float32 array: a runtime value, traced or not.
@@ -61,15 +61,15 @@ def _row_positions(plan, query_block, offset, columns):
 def _tile_masks(plan, query_block, key_block, offset, query_segments_ref, key_segments_ref):
     shape = (plan.block_q, plan.block_k)
     key_positions = key_block * plan.block_k + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-    return common.tile_masks(_row_positions(plan, query_block, offset, plan.block_k),
-                             key_positions, query_segments_ref[...], key_segments_ref[...],
-                             window=plan.window)
+    return tile_math.tile_masks(_row_positions(plan, query_block, offset, plan.block_k),
+                                key_positions, query_segments_ref[...], key_segments_ref[...],
+                                window=plan.window)
 
 
 def _key_block(plan, query_block, step, offset):
     """``(key block of this step, whether it runs)``; a step that does not run is clamped to a
     block that does (or to 0), so its fetch repeats the previous one."""
-    first, last = common.query_block_key_range(query_block, offset, plan)
+    first, last = tiling.query_block_key_range(query_block, offset, plan)
     key_block = first + step
     index = jnp.clip(jnp.minimum(key_block, last), 0, plan.num_key_blocks - 1)
     return index, key_block <= last
@@ -111,24 +111,24 @@ def _runway_statistics_kernel(offsets_ref, runway_query_rows_ref, runway_key_row
 
     @pl.when(step == 0)
     def _init():
-        max_ref[...], sum_ref[...], accumulator_ref[...] = common.initial_row_stats(
+        max_ref[...], sum_ref[...], accumulator_ref[...] = tile_math.initial_row_stats(
             plan.block_q, accumulator_ref.shape[-1])
 
     @pl.when(runs)
     def _step():
         visible, _ = _tile_masks(plan, query_block, key_block, offset, query_segments_ref,
                                  key_segments_ref)
-        logits = common.runway_logits(runway_query_rows_ref[...], runway_key_cols_ref[...],
-                                      scale, cap)
-        max_ref[...], sum_ref[...], accumulator_ref[...] = common.online_softmax_step(
+        logits = tile_math.runway_logits(runway_query_rows_ref[...], runway_key_cols_ref[...],
+                                         scale, cap)
+        max_ref[...], sum_ref[...], accumulator_ref[...] = tile_math.online_softmax_step(
             max_ref[...], sum_ref[...], accumulator_ref[...], logits, visible,
             values_cols_ref[...].astype(jnp.float32))
 
     @pl.when(step == plan.key_steps - 1)
     def _finish():
-        weighted, lse = common.finish_softmax(max_ref[...], sum_ref[...], accumulator_ref[...])
+        weighted, lse = tile_math.finish_softmax(max_ref[...], sum_ref[...], accumulator_ref[...])
         lse_ref[...] = lse
-        summary_ref[...] = common.runway_summary(
+        summary_ref[...] = tile_math.runway_summary(
             weighted, lse, runway_query_rows_ref[...], runway_key_rows_ref[...],
             values_rows_ref[...], scale, cap,
             sees_itself=_row_positions(plan, query_block, offset, 1) >= 0)
@@ -153,9 +153,9 @@ def runway_statistics(runway_query_rows, runway_key_rows, values_rows, runway_ke
         out_shape=[jax.ShapeDtypeStruct((batch, padded, 1), jnp.float32),
                    jax.ShapeDtypeStruct((batch, padded, width), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=_SEQUENTIAL_KEYS),
-        cost_estimate=common.cost_estimate(pl, batch, 0, 0, width,
-                                           runway_query_rows.dtype.itemsize, plan_=plan,
-                                           statistics_pass=True, soft_cap=cap is not None),
+        cost_estimate=cost_model.cost_estimate(pl, batch, 0, 0, width,
+                                               runway_query_rows.dtype.itemsize, plan_=plan,
+                                               statistics_pass=True, soft_cap=cap is not None),
         interpret=interpret,
         name="runway_statistics",
     )(offsets, runway_query_rows, runway_key_rows, values_rows, runway_key, values,
@@ -176,7 +176,7 @@ def _rewired_forward_kernel(offsets_ref, beta_ref, query_ref, key_ref, value_ref
     @pl.when(step == 0)
     def _init():
         for h in range(heads):
-            max_ref[h], sum_ref[h], accumulator_ref[h] = common.initial_row_stats(
+            max_ref[h], sum_ref[h], accumulator_ref[h] = tile_math.initial_row_stats(
                 plan.block_q, accumulator_ref.shape[-1])
         earlier_ref[...] = jnp.zeros(earlier_ref.shape, jnp.float32)
 
@@ -190,25 +190,25 @@ def _rewired_forward_kernel(offsets_ref, beta_ref, query_ref, key_ref, value_ref
             keys_block = runway_key_cols_ref[...].astype(jnp.float32)  # Z_J
             probs = None
             if runway_span == "exact":  # the prefix span needs no A in this pass
-                logits = common.runway_logits(runway_query_rows_ref[...],
-                                              runway_key_cols_ref[...], scale, cap)
+                logits = tile_math.runway_logits(runway_query_rows_ref[...],
+                                                 runway_key_cols_ref[...], scale, cap)
                 probs = jnp.where(visible, jnp.exp(logits - runway_lse_ref[...]), 0.0)  # A_IJ
-            rho = common.runway_coefficients_tile(
+            rho = tile_math.runway_coefficients_tile(
                 probs, summary_ref[...], earlier_ref[...], values_block, keys_block, visible,
                 distance, runway_span=runway_span, scale=scale)
             if runway_span == "exact":
-                earlier_ref[...] += common.dot(probs, values_block)  # S_I += A_IJ W_J
+                earlier_ref[...] += tile_math.dot(probs, values_block)  # S_I += A_IJ W_J
         for h in range(heads):  # rho is shared by every head of the block (METHOD (3c))
-            logits = common.rewired_logits(query_ref[h], key_ref[h // groups], rho, beta=beta,
-                                           scale=scale, cap=cap)
-            max_ref[h], sum_ref[h], accumulator_ref[h] = common.online_softmax_step(
+            logits = tile_math.rewired_logits(query_ref[h], key_ref[h // groups], rho, beta=beta,
+                                              scale=scale, cap=cap)
+            max_ref[h], sum_ref[h], accumulator_ref[h] = tile_math.online_softmax_step(
                 max_ref[h], sum_ref[h], accumulator_ref[h], logits, visible,
                 value_ref[h // groups])
 
     @pl.when(step == plan.key_steps - 1)
     def _finish():
         for h in range(heads):
-            out, lse = common.finish_softmax(max_ref[h], sum_ref[h], accumulator_ref[h])
+            out, lse = tile_math.finish_softmax(max_ref[h], sum_ref[h], accumulator_ref[h])
             out_ref[h] = out.astype(out_ref.dtype)
             lse_ref[h] = lse
 
@@ -243,10 +243,10 @@ def rewired_forward(query, key, value, runway_query_rows, runway_key, values, ru
         out_shape=[jax.ShapeDtypeStruct(query.shape, query.dtype),
                    jax.ShapeDtypeStruct((batch, heads, padded, 1), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=_SEQUENTIAL_KEYS),
-        cost_estimate=common.cost_estimate(pl, batch, heads, kv_heads, width,
-                                           query.dtype.itemsize, plan_=plan,
-                                           runway_span=runway_span,
-                                           runway=runway, soft_cap=cap is not None),
+        cost_estimate=cost_model.cost_estimate(pl, batch, heads, kv_heads, width,
+                                               query.dtype.itemsize, plan_=plan,
+                                               runway_span=runway_span,
+                                               runway=runway, soft_cap=cap is not None),
         interpret=interpret,
         name="rewired_attention_forward",
     )(offsets, _beta_array(beta), query, key, value, runway_query_rows, runway_lse, summary,
@@ -256,10 +256,10 @@ def rewired_forward(query, key, value, runway_query_rows, runway_key, values, ru
 def forward(query, key, value, runway_query, runway_key, segment_ids, query_segments,
             runway_query_rows, runway_key_rows, offsets, *, plan, beta, runway_coefficient,
             runway_span, scale, cap=None, runway=None, interpret=False):
-    """Both passes on :class:`runway_jax.kernels.common.KernelInputs`: ``(out, lse, runway_lse,
+    """Both passes on :class:`runway_jax.kernels.layouts.KernelInputs`: ``(out, lse, runway_lse,
     summary)`` in kernel layout. ``runway`` (default: unless ``beta`` is the Python number 0)
     runs the runway head."""
-    runway = common.runs_runway_head(beta) if runway is None else runway
+    runway = tiling.runs_runway_head(beta) if runway is None else runway
     values = runway_query if runway_coefficient == "bilinear" else runway_key
     values_rows = runway_query_rows if runway_coefficient == "bilinear" else runway_key_rows
     if not runway:  # standard attention (METHOD (6), invariant 1): no runway work at all
@@ -284,31 +284,10 @@ def forward(query, key, value, runway_query, runway_key, segment_ids, query_segm
 def _heads_backward(query_ref, key_ref, value_ref, out_grad_ref, lse_ref, out_dot_ref, rho,
                     visible, *, beta, scale, cap, groups):
     """``[(P^h, dS~^h)]`` for every head of the tile, reading one head at a time."""
-    return [common.head_backward_tile(
+    return [tile_math.head_backward_tile(
         query_ref[h], key_ref[h // groups], value_ref[h // groups], out_grad_ref[h], lse_ref[h],
         out_dot_ref[h], rho, visible, beta=beta, scale=scale, cap=cap)
         for h in range(query_ref.shape[0])]
-
-
-def _runway_tile(runway_span, scale, cap, visible, distance, runway_query_rows, runway_lse_rows,
-                 runway_key_cols, values_cols, summary_rows, earlier_rows):
-    """``(A_IJ, rho_IJ, W_J, Z_J, slope)`` of one tile, as in the forward pass; ``slope`` is the
-    soft cap's ``1 - tanh^2`` of the runway logits (None without a cap)."""
-    values_block = values_cols.astype(jnp.float32)
-    keys_block = runway_key_cols.astype(jnp.float32)
-    logits, slope = common.soft_cap_and_slope(
-        common.runway_logits(runway_query_rows, runway_key_cols, scale), cap)
-    probs = jnp.where(visible, jnp.exp(logits - runway_lse_rows), 0.0)
-    rho = common.runway_coefficients_tile(probs, summary_rows, earlier_rows, values_block,
-                                          keys_block, visible, distance, runway_span=runway_span,
-                                          scale=scale)
-    return probs, rho, values_block, keys_block, slope
-
-
-def _defined_drho(head_tiles, visible, distance, *, runway_span, beta):
-    """``d rho = -beta sum_h dS~^h`` where rho is defined (METHOD (3d))."""
-    defined = visible & (distance >= 2) if runway_span == "exact" else visible
-    return jnp.where(defined, -beta * sum(ds for _, ds in head_tiles), 0.0)
 
 
 def _backward_query_kernel(offsets_ref, beta_ref, query_ref, key_ref, value_ref, out_grad_ref,
@@ -335,26 +314,26 @@ def _backward_query_kernel(offsets_ref, beta_ref, query_ref, key_ref, value_ref,
                                         query_segments_ref, key_segments_ref)
         rho = None
         if runway:
-            probs, rho, values_block, keys_block, _ = _runway_tile(
-                runway_span, scale, cap, visible, distance, runway_query_rows_ref[...],
-                runway_lse_ref[...], runway_key_cols_ref[...], values_cols_ref[...],
-                summary_ref[...], earlier_acc[...])
+            probs, rho, values_block, keys_block, _ = tile_math.runway_tile_recompute(
+                visible, distance, runway_query_rows_ref[...], runway_lse_ref[...],
+                runway_key_cols_ref[...], values_cols_ref[...], summary_ref[...],
+                earlier_acc[...], runway_span=runway_span, scale=scale, cap=cap)
         head_tiles = _heads_backward(query_ref, key_ref, value_ref, out_grad_ref, lse_ref,
                                      out_dot_ref, rho, visible, beta=beta, scale=scale, cap=cap,
                                      groups=groups)
         for h, (_, ds) in enumerate(head_tiles):
-            dq_acc[h] += scale * common.dot(ds.astype(key_ref.dtype), key_ref[h // groups])
+            dq_acc[h] += scale * tile_math.dot(ds.astype(key_ref.dtype), key_ref[h // groups])
         if runway:
             # sum_j rho_ij sum_h dS~^h_ij: delta_i = sum_k A_ik dA_ik = sum_j d rho_ij rho_ij is
             # -beta times it (both spans; rho is zero where undefined), d beta = -sum_i of it.
             rho_dot_acc[...] += jnp.sum(rho * sum(ds for _, ds in head_tiles), axis=1,
                                         keepdims=True)
             if runway_span == "prefix":
-                drho = _defined_drho(head_tiles, visible, distance, runway_span=runway_span,
-                                     beta=beta)
-                summary_grad_acc[...] += scale * common.dot(drho, keys_block)  # du_I
+                drho = tile_math.defined_drho(head_tiles, visible, distance,
+                                              runway_span=runway_span, beta=beta)
+                summary_grad_acc[...] += scale * tile_math.dot(drho, keys_block)  # du_I
             else:
-                earlier_acc[...] += common.dot(probs, values_block)
+                earlier_acc[...] += tile_math.dot(probs, values_block)
 
     @pl.when(step == plan.key_steps - 1)
     def _finish():
@@ -394,34 +373,35 @@ def _backward_key_kernel(offsets_ref, beta_ref, query_ref, out_grad_ref, lse_ref
                                         query_segments_ref, key_segments_ref)
         rho = None
         if runway:
-            probs, rho, values_block, keys_block, slope = _runway_tile(
-                runway_span, scale, cap, visible, distance, runway_query_rows_ref[...],
-                runway_lse_ref[...], runway_key_cols_ref[...], values_cols_ref[...],
-                summary_ref[...], earlier_all[rows])
+            probs, rho, values_block, keys_block, slope = tile_math.runway_tile_recompute(
+                visible, distance, runway_query_rows_ref[...], runway_lse_ref[...],
+                runway_key_cols_ref[...], values_cols_ref[...], summary_ref[...],
+                earlier_all[rows], runway_span=runway_span, scale=scale, cap=cap)
         head_tiles = _heads_backward(query_ref, key_ref, value_ref, out_grad_ref, lse_ref,
                                      out_dot_ref, rho, visible, beta=beta, scale=scale, cap=cap,
                                      groups=groups)
         for h, (probs_h, ds) in enumerate(head_tiles):
-            dk_acc[h // groups] += scale * common.dot(ds.T.astype(query_ref.dtype), query_ref[h])
-            dv_acc[h // groups] += common.dot(probs_h.T.astype(out_grad_ref.dtype),
-                                              out_grad_ref[h])
+            dk_acc[h // groups] += scale * tile_math.dot(ds.T.astype(query_ref.dtype), query_ref[h])
+            dv_acc[h // groups] += tile_math.dot(probs_h.T.astype(out_grad_ref.dtype),
+                                                 out_grad_ref[h])
         if runway:
-            drho = _defined_drho(head_tiles, visible, distance, runway_span=runway_span, beta=beta)
-            dprobs, dz, dw = common.runway_backward_tile(
+            drho = tile_math.defined_drho(head_tiles, visible, distance, runway_span=runway_span,
+                                          beta=beta)
+            dprobs, dz, dw = tile_math.runway_backward_tile(
                 probs, drho, distance, values_block, keys_block, runway_span=runway_span,
                 scale=scale, prefix_sum=prefix_all[rows], summary_grad=summary_grad_ref[...],
                 earlier=earlier_all[rows], summary=summary_ref[...])
             dlogits = probs * (dprobs - delta_ref[...])  # the runway head's softmax backward
             if slope is not None:
                 dlogits = dlogits * slope  # through the soft cap, eq. (7b)
-            d_runway_query_ref[rows] += scale * common.dot(dlogits, keys_block)
-            d_runway_key_acc[...] += scale * common.dot(
+            d_runway_query_ref[rows] += scale * tile_math.dot(dlogits, keys_block)
+            d_runway_key_acc[...] += scale * tile_math.dot(
                 dlogits.T, runway_query_rows_ref[...].astype(jnp.float32))
             dz_acc[...] += dz
             dw_acc[...] += dw
             if runway_span == "exact":  # advance the row prefixes past key block J
-                earlier_all[rows] += common.dot(probs, values_block)
-                prefix_all[rows] += common.dot(drho, keys_block)
+                earlier_all[rows] += tile_math.dot(probs, values_block)
+                prefix_all[rows] += tile_math.dot(drho, keys_block)
 
     @pl.when(step == plan.query_steps - 1)
     def _finish():
@@ -432,9 +412,9 @@ def _backward_key_kernel(offsets_ref, beta_ref, query_ref, out_grad_ref, lse_ref
 
 def _query_block(plan, key_block, step, offset):
     """``(query block of this step of key block J, whether it runs)``: the query blocks that see
-    J (:func:`runway_jax.kernels.common.key_block_query_range`), clamped like
+    J (:func:`runway_jax.kernels.tiling.key_block_query_range`), clamped like
     :func:`_key_block`."""
-    first, last = common.key_block_query_range(key_block, offset, plan)
+    first, last = tiling.key_block_query_range(key_block, offset, plan)
     query_block = first + step
     index = jnp.clip(jnp.minimum(query_block, last), 0, plan.num_query_blocks - 1)
     return index, query_block <= last
@@ -457,7 +437,7 @@ def backward(query, key, value, runway_query, runway_key, segment_ids, query_seg
     float32: 6 MiB at T = 4096, d = 128), so that each tile sees the row prefixes of the key
     blocks before it without a ``T x T`` array.
     """
-    runway = common.runs_runway_head(beta) if runway is None else runway
+    runway = tiling.runs_runway_head(beta) if runway is None else runway
     batch, heads, padded, width = query.shape
     kv_heads = key.shape[1]
     f32 = jnp.float32
@@ -467,8 +447,8 @@ def backward(query, key, value, runway_query, runway_key, segment_ids, query_seg
     bq, bk = plan.block_q, plan.block_k
     options = dict(plan=plan, runway=runway, runway_span=runway_span, scale=scale, cap=cap)
     beta_array = _beta_array(beta)
-    estimate = functools.partial(common.backward_pass_estimate, pl, batch, heads, kv_heads, width,
-                                 query.dtype.itemsize, plan_=plan, runway_span=runway_span,
+    estimate = functools.partial(cost_model.backward_pass_estimate, pl, batch, heads, kv_heads,
+                                 width, query.dtype.itemsize, plan_=plan, runway_span=runway_span,
                                  runway=runway, soft_cap=cap is not None)
 
     # Pass BQ.
@@ -543,6 +523,6 @@ def backward(query, key, value, runway_query, runway_key, segment_ids, query_seg
         name="rewired_attention_backward_keys",
     )(offsets, beta_array, query, out_grad, lse, out_dot, runway_query_rows, runway_lse, summary,
       delta, summary_grad, key, value, runway_key, values, q_segments, k_segments)
-    return common.runway_gradients(dq, dk, dv, d_runway_query_rows, d_runway_key, dz, dw,
-                                   rho_dot, offsets, plan=plan,
-                                   runway_coefficient=runway_coefficient)
+    return layouts.runway_gradients(dq, dk, dv, d_runway_query_rows, d_runway_key, dz, dw,
+                                    rho_dot, offsets, plan=plan,
+                                    runway_coefficient=runway_coefficient)
