@@ -51,7 +51,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from runway_jax.kernels import layouts, tiling, gpu, tpu
+from runway_jax.kernels import gpu, layouts, tiling, tpu
 from runway_jax.kernels.tiling import BlockSizes
 from runway_jax.masking import poison_rows, quarantine_nonfinite
 
