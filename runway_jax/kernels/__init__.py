@@ -83,8 +83,8 @@ def forward(*arrays, implementation, plan, beta, runway_coefficient, runway_span
     :class:`runway_jax.kernels.layouts.KernelInputs`: ``(out, lse, runway_lse, u)``."""
     kernel, interpret = kernel_of(implementation)
     options = dict(plan=plan, beta=beta, runway_coefficient=runway_coefficient,
-                   runway_span=runway_span,
-                   scale=scale, cap=cap, runway=runway, interpret=interpret)
+                   runway_span=runway_span, scale=scale, cap=cap, runway=runway,
+                   interpret=interpret)
     if kernel == "pallas_tpu":
         return tpu.forward(*arrays, **options)
     return gpu.forward(*arrays, block_sizes=block_sizes, **options)
@@ -174,8 +174,8 @@ class _Options:
         """Keywords of the target files' ``forward``/``backward`` (:mod:`tpu`, :mod:`gpu`)."""
         _, interpret = kernel_of(self.implementation)
         return dict(plan=plan, runway_coefficient=self.runway_coefficient,
-                    runway_span=self.runway_span,
-                    scale=self.scale, cap=self.cap, runway=self.runway, interpret=interpret)
+                    runway_span=self.runway_span, scale=self.scale, cap=self.cap,
+                    runway=self.runway, interpret=interpret)
 
 
 def _run_forward(options, query, key, value, runway_query, runway_key, beta, segment_ids,

@@ -51,8 +51,8 @@ def forward_cost(batch, length, heads, kv_heads, width, itemsize, *, runway_span
                         tiling.BlockSizes(block_q=block_q, block_k=block_k), key_length=length,
                         window=window)
     return plan_forward_cost(batch, plan_, heads, kv_heads, width, itemsize,
-                             runway_span=runway_span,
-                             runway=runway, head_groups=head_groups, soft_cap=soft_cap)
+                             runway_span=runway_span, runway=runway, head_groups=head_groups,
+                             soft_cap=soft_cap)
 
 
 def plan_forward_cost(batch, plan_, heads, kv_heads, width, itemsize, *, runway_span, runway=True,

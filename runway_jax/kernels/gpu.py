@@ -245,8 +245,8 @@ def rewired_forward(query, key, value, runway_query_rows, runway_key, values, ru
     kv_spec = pl.BlockSpec((None, kv_heads, plan.padded_key_length, width),
                            lambda b, i, g: (b, 0, 0, 0))
     kernel = functools.partial(_rewired_forward_kernel, plan=plan, runway=runway,
-                               runway_span=runway_span,
-                               scale=scale, cap=cap, groups=real_heads // kv_heads)
+                               runway_span=runway_span, scale=scale, cap=cap,
+                               groups=real_heads // kv_heads)
     out, lse = pl.pallas_call(
         kernel,
         grid=(batch, plan.num_query_blocks, heads // group_heads),
@@ -261,8 +261,8 @@ def rewired_forward(query, key, value, runway_query_rows, runway_key, values, ru
         compiler_params=_compiler_params(block_sizes),
         cost_estimate=cost_model.cost_estimate(pl, batch, heads, kv_heads, width,
                                                query.dtype.itemsize, plan_=plan,
-                                               runway_span=runway_span,
-                                               runway=runway, head_groups=heads // group_heads,
+                                               runway_span=runway_span, runway=runway,
+                                               head_groups=heads // group_heads,
                                                soft_cap=cap is not None),
         interpret=interpret,
         name="rewired_attention_forward",

@@ -61,8 +61,8 @@ def rewired_forward(query, key, value, runway_query, runway_key, segment_ids, qu
                     runway_span, scale, cap=None):
     """Pass 2 of METHOD (3c) for one batch row: ``out`` ``[H, Tqp, d]`` and the rewired heads'
     ``lse`` ``[H, Tqp, 1]``, plus pass 1's ``(runway_lse, summary)``."""
-    values_w = runway_query if runway_coefficient == "bilinear" else runway_key
-    values_w = values_w.astype(jnp.float32)
+    values_w = (runway_query if runway_coefficient == "bilinear" else runway_key).astype(
+        jnp.float32)
     values_rows = runway_query_rows if runway_coefficient == "bilinear" else runway_key_rows
     runway_lse, summary = runway_statistics(
         runway_query_rows, runway_key_rows, values_rows, runway_key, values_w, query_segments,
