@@ -70,17 +70,8 @@ def plan(query_length, block_sizes: tiling.BlockSizes, *, key_length=None, windo
          ragged=False) -> tiling.Plan:
     """:func:`runway_jax.kernels.tiling.plan` with WGMMA-sized blocks: the requested ones, shrunk
     for short sequences to the next power of two >= T but never below 64; padded alike."""
-    key_length = query_length if key_length is None else key_length
-    fit = lambda block, n: max(MIN_BLOCK, min(block, 1 << (max(n, 1) - 1).bit_length()))
-    block_q, block_k = fit(block_sizes.block_q, query_length), fit(block_sizes.block_k,
-                                                                   key_length)
-    pad = lambda n, multiple: -(-n // multiple) * multiple
-    if key_length == query_length:  # one sequence: queries and keys padded alike
-        padded_query = padded_key = pad(query_length, max(block_q, block_k))
-    else:
-        padded_query, padded_key = pad(query_length, block_q), pad(key_length, block_k)
-    return tiling.Plan(query_length, key_length, block_q, block_k, padded_query, padded_key,
-                       window, ragged)
+    return tiling.plan(query_length, block_sizes, key_length=key_length, window=window,
+                       ragged=ragged, min_block=MIN_BLOCK)
 
 
 def _check(plan_, query, interpret):

@@ -135,18 +135,20 @@ class Plan:
         return not self.ragged and self.query_length == self.key_length
 
 
-def _fitted_block(block, length):
-    return min(block, max(8, 1 << (max(length, 1) - 1).bit_length()))  # next power of two >= T
+def _fitted_block(block, length, min_block):
+    """``block`` shrunk to the next power of two >= T, but not below ``min_block``."""
+    return max(min_block, min(block, 1 << (max(length, 1) - 1).bit_length()))
 
 
 def plan(length: int, block_sizes: BlockSizes, *, key_length: int | None = None,
-         window: int | None = None, ragged: bool = False) -> Plan:
+         window: int | None = None, ragged: bool = False, min_block: int = 8) -> Plan:
     """Shrink the blocks for short sequences and pad to whole blocks (METHOD (6), item 6: any
     T >= 1). ``length`` is the number of query rows, ``key_length`` that of keys (default: the
-    same); with equal lengths both are padded alike, as one sequence."""
+    same); with equal lengths both are padded alike, as one sequence. ``min_block``: the smallest
+    block a target's tiles allow (8 sublanes on TPU; 64 rows for Hopper's WGMMA)."""
     key_length = length if key_length is None else key_length
-    block_q = _fitted_block(block_sizes.block_q, length)
-    block_k = _fitted_block(block_sizes.block_k, key_length)
+    block_q = _fitted_block(block_sizes.block_q, length, min_block)
+    block_k = _fitted_block(block_sizes.block_k, key_length, min_block)
     if key_length == length:
         multiple = max(block_q, block_k)  # powers of two: the larger is a multiple of the smaller
         padded_query = padded_key = -(-length // multiple) * multiple
