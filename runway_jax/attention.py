@@ -30,7 +30,10 @@ alignment, for decoding and chunked prefill).
   triangular matrices). Use it to check anything else.
 * ``"xla"``: the memory-lean eq. (3b) evaluation in :mod:`runway_jax.blockwise`, chunked over query
   blocks and key blocks; it never builds a ``T x T x T`` or ``T x T x d`` array, and its backward
-  pass recomputes each chunk instead of storing it.
+  pass recomputes each chunk instead of storing it. For :func:`causal_attention` alone, a call
+  whose ``B x H x Tq x Tk`` logits fit :data:`DENSE_LOGITS_LIMIT` forms them whole, as XLA's own
+  ``jax.nn.dot_product_attention`` does (the ``"reference"`` evaluation): on CPU that is as fast
+  as XLA's and 1.2-1.5x faster than the blocks there; beyond the limit it goes blockwise.
 * ``"pallas_tpu"`` / ``"pallas_gpu"``: the fused flash-style kernels of :mod:`runway_jax.kernels`
   (METHOD (3c)); they never hold a ``T x T`` array. They run on their accelerator;
   ``"pallas_tpu_interpret"`` / ``"pallas_gpu_interpret"`` run the same kernels in Pallas
@@ -284,10 +287,22 @@ def causal_attention(
             query, key, value, runway, runway, _segments_or_zeros(segment_ids, key),
             key_value_seq_lengths=options["key_value_seq_lengths"])
     options.update(scale=scale, alibi_slopes=alibi_slopes)
-    if implementation == "reference":
+    if implementation == "reference" or _dense_logits_fit(query, key):
         return _reference_causal_attention(query, key, value,
                                            return_probabilities=return_probabilities, **options)
     return blockwise.causal_attention(query, key, value, **options)
+
+
+# The "xla" path's standard attention forms the T x T logits while a call's B x H x Tq x Tk fit
+# this many elements (256 MiB in float32; T <= 2896 at B = 1, H = 8) and goes blockwise, O(T) in
+# memory, beyond. Dense is what XLA's own attention does: benchmarks/attention.py measured it
+# 1.2-1.5x faster than the blocks on CPU below that size, forward and backward.
+DENSE_LOGITS_LIMIT = 2 ** 26
+
+
+def _dense_logits_fit(query, key) -> bool:
+    batch, query_length, heads, _ = query.shape
+    return batch * heads * query_length * key.shape[1] <= DENSE_LOGITS_LIMIT
 
 
 # The backend that implementation selection targets while a program is traced for ahead-of-time

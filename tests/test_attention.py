@@ -138,12 +138,47 @@ def test_beta_zero_is_standard_attention(path, segments):
     np.testing.assert_allclose(causal, jax_attention, atol=1e-5, rtol=0)
 
 
+def test_xla_causal_attention_is_dense_within_the_limit_and_blockwise_beyond(monkeypatch):
+    """causal_attention("xla") forms the logits whole while B x H x Tq x Tk fit
+    DENSE_LOGITS_LIMIT (the reference evaluation, bit for bit) and goes blockwise beyond; both
+    agree with the direct evaluation, forward and backward, with segments, GQA and Tq < Tk."""
+    query, key, value, _, _ = make_inputs(21, 2, 37, 4, 2, 8)
+    query = query[:, 5:]  # the last 32 positions
+    segment_ids = make_segments(21, 2, 37)
+    logits = 2 * 4 * 32 * 37
+
+    def run_with(path, limit):
+        monkeypatch.setattr(attention, "DENSE_LOGITS_LIMIT", limit)
+
+        def loss(q, k, v):
+            out = attention.causal_attention(q, k, v, segment_ids=segment_ids, implementation=path)
+            return jnp.sum(out * jnp.cos(out)), out
+        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+            query, key, value)
+        return out, grads
+
+    reference = run_with("reference", logits)
+    dense = run_with("xla", logits)
+    blocks = run_with("xla", logits - 1)
+    for got, want in zip(jax.tree.leaves(dense), jax.tree.leaves(reference)):
+        np.testing.assert_array_equal(got, want)
+    scale = 8 ** -0.5
+    direct = blockwise.causal_attention(query, key, value, segment_ids=segment_ids, scale=scale,
+                                        alibi_slopes=None)
+    np.testing.assert_array_equal(blocks[0], direct)
+    for got, want in zip(jax.tree.leaves(blocks), jax.tree.leaves(reference)):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
 def test_causal_attention_implementations_agree_with_alibi():
     query, key, value, _, _ = make_inputs(4, 1, 300, 4, 2, 8)
     slopes = jnp.array([0.5, 0.25, 0.125, 0.0625])
     ref = attention.causal_attention(query, key, value, alibi_slopes=slopes, implementation="reference")
     xla = attention.causal_attention(query, key, value, alibi_slopes=slopes, implementation="xla")
     np.testing.assert_allclose(xla, ref, atol=1e-5, rtol=0)
+    blocks = blockwise.causal_attention(query, key, value, segment_ids=None, scale=8 ** -0.5,
+                                        alibi_slopes=slopes)
+    np.testing.assert_allclose(blocks, ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("span", attention.RUNWAY_SPANS)

@@ -150,14 +150,17 @@ def test_bfloat16_with_options_within_tolerance(path):
     np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-2, rtol=0)
 
 
-@pytest.mark.parametrize("path", ("reference", "xla"))
-def test_beta_zero_equals_jax_dot_product_attention(path):
+@pytest.mark.parametrize("path", ("reference", "xla", "xla_blockwise"))
+def test_beta_zero_equals_jax_dot_product_attention(path, monkeypatch):
     """Invariant 1 with a mask and a window: beta = 0 (and causal_attention) equal XLA's own
     jax.nn.dot_product_attention with the same mask and local_window_size."""
     inputs = make_inputs(6)
     mask = random_mask(7)
     want = jax.nn.dot_product_attention(*inputs[:3], mask=mask[:, None], is_causal=True,
                                         local_window_size=(4, 0))
+    if path == "xla_blockwise":  # the "xla" causal path beyond its dense limit
+        monkeypatch.setattr(attention, "DENSE_LOGITS_LIMIT", 0)
+        path = "xla"
     options = dict(mask=mask, local_window_size=4, implementation=path)
     rewired = attention.rewired_attention(*inputs, beta=0.0, **options)
     causal = attention.causal_attention(*inputs[:3], **options)
