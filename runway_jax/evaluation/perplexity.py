@@ -45,12 +45,16 @@ def _position_losses(model, batch):
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])  # [N, L]
 
 
-def perplexity_by_length(model, token_documents, lengths, *, max_windows: int = 16,
+def perplexity_by_length(model, token_documents, lengths, *, max_windows: int | None = 16,
                          batch_size: int = 4, progress=None) -> dict:
-    """``{L: {"loss", "perplexity", "windows", "position_loss": [L floats]}}`` for each L."""
+    """``{L: {"loss", "perplexity", "windows", "position_loss": [L floats], "window_loss":
+    [N floats]}}`` for each L; ``window_loss`` is each window's mean loss (for paired
+    bootstrap intervals, :mod:`runway_jax.evaluation.bootstrap`). ``max_windows=None``: every
+    non-overlapping window."""
     results = {}
     for number, length in enumerate(lengths, 1):
-        rows = windows(token_documents, length, max_windows)
+        limit = sum(len(tokens) // (length + 1) for tokens in token_documents)
+        rows = windows(token_documents, length, limit if max_windows is None else max_windows)
         if len(rows) == 0:
             continue
         losses = np.concatenate([np.asarray(jax.device_get(_position_losses(model, rows[i:i + batch_size])))
@@ -58,7 +62,8 @@ def perplexity_by_length(model, token_documents, lengths, *, max_windows: int = 
         mean = float(losses.mean())
         results[int(length)] = {"loss": mean, "perplexity": math.exp(min(mean, 50.0)),
                                 "windows": int(len(rows)),
-                                "position_loss": losses.mean(axis=0).tolist()}
+                                "position_loss": losses.mean(axis=0).tolist(),
+                                "window_loss": losses.mean(axis=1).tolist()}
         if progress:
             progress(f"[{number}/{len(lengths)}] length {length}: loss {mean:.4f}, "
                      f"perplexity {results[int(length)]['perplexity']:.2f} over {len(rows)} windows")
