@@ -21,8 +21,10 @@ same analytic model as ours (``cost_model.standard_attention_cost``; forward+bac
 forward, as ``benchmarks/kernels.py`` counts), and the output says which source each figure has.
 ``xla_exact``'s FLOPs are XLA's static count, which counts a loop body once: an undercount for the
 blocked path, whose loops run over key blocks (its ratio falls as T grows). ``--quick``: T=1024 on
-v5e only. Then the GPU section: ``benchmarks/gpu_compile.py``'s
-``gpu_compile_report()`` (PTX/SASS registers, spills, shared memory) when it can run, else why not.
+v5e only. Then the Mosaic GPU kernels exported for CUDA (:func:`mosaic_gpu_rows`: whether each
+lowers, i.e. fits an H100's shared memory, and the cost model's FLOP ratio), and the Triton
+section: ``benchmarks/gpu_compile.py``'s ``gpu_compile_report()`` (PTX/SASS registers, spills,
+shared memory) when it can run, else why not.
 """
 
 import argparse
@@ -142,6 +144,45 @@ def print_row(row):
     print(f"{row['chip']} T={row['length']} {row['mode']}:\n  " + "\n  ".join(cells), flush=True)
 
 
+def mosaic_gpu_rows(lengths, batch, heads, width):
+    """The Mosaic GPU kernels (``pallas_mosaic_gpu``, default BlockSizes) exported for CUDA from
+    this host, forward and forward+backward: lowering succeeds only if every program's shared
+    memory fits an H100's 227 KiB (Mosaic GPU checks it while lowering; registers and timings
+    need the GPU itself). With the cost model's FLOP ratio to standard attention over H heads."""
+    from runway_jax import kernels
+    from runway_jax.kernels import mosaic_gpu, tiling
+
+    blocks = tiling.BlockSizes.mosaic_gpu_default()
+    rows = []
+    for length in lengths:
+        shape = jax.ShapeDtypeStruct
+        args = ([shape((batch, length, heads, width), jnp.bfloat16)] * 3
+                + [shape((batch, length, width), jnp.bfloat16)] * 2)
+        for span in SPANS:
+            def forward(q, k, v, rq, rk, span=span):
+                return kernels.rewired_attention(
+                    q, k, v, rq, rk, implementation="pallas_mosaic_gpu", beta=1.0,
+                    runway_coefficient="bilinear", runway_span=span, segment_ids=None, scale=None)
+            for mode, fn in (("forward", forward), ("forward+backward", with_backward(forward, 5))):
+                row = {"target": "cuda (Mosaic GPU, sm_90a)", "variant": f"pallas_mosaic_gpu_{span}",
+                       "length": length, "mode": mode, "block_sizes": blocks.__dict__,
+                       "forward_flop_ratio_cost_model": mosaic_gpu.flop_ratio(
+                           heads, width, length, runway_span=span, block_q=blocks.block_q,
+                           block_k=blocks.block_k, heads_per_program=blocks.heads_per_program)}
+                start = time.perf_counter()
+                try:
+                    text = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args).mlir_module()
+                    row.update(lowered=True, kernel_calls=text.count("@mosaic_gpu"))
+                except Exception as error:  # e.g. shared memory over the limit
+                    row.update(lowered=False, error=str(error).splitlines()[0][:300])
+                row["seconds"] = round(time.perf_counter() - start, 2)
+                print(f"{row['variant']:<26} T={length:<6} {mode:<17} lowered={row['lowered']} "
+                      f"in {row['seconds']:.1f} s, forward FLOPs / standard (cost model) "
+                      f"{row['forward_flop_ratio_cost_model']:.2f}x", flush=True)
+                rows.append(row)
+    return rows
+
+
 def gpu_section():
     try:
         from gpu_compile import gpu_compile_report  # benchmarks/gpu_compile.py
@@ -183,6 +224,7 @@ def main(argv=None):
     except CompileError as error:  # libtpu missing or an unknown chip name
         print(f"TPU section skipped: {error}")
         results["tpu"] = {"skipped": str(error)}
+    results["mosaic_gpu"] = mosaic_gpu_rows(lengths, args.batch, args.heads, args.head_dim)
     results["gpu"] = gpu_section()
     results["seconds"] = time.perf_counter() - start
     write_results(results, args.out)

@@ -34,15 +34,18 @@ alignment, for decoding and chunked prefill).
   whose ``B x H x Tq x Tk`` logits fit :data:`DENSE_LOGITS_LIMIT` forms them whole, as XLA's own
   ``jax.nn.dot_product_attention`` does (the ``"reference"`` evaluation): on CPU that is as fast
   as XLA's and 1.2-1.5x faster than the blocks there; beyond the limit it goes blockwise.
-* ``"pallas_tpu"`` / ``"pallas_gpu"``: the fused flash-style kernels of :mod:`runway_jax.kernels`
-  (METHOD (3c)); they never hold a ``T x T`` array. They run on their accelerator;
-  ``"pallas_tpu_interpret"`` / ``"pallas_gpu_interpret"`` run the same kernels in Pallas
-  interpret mode on any backend (slow; for tests on CPU). They take every option of METHOD (7)
+* ``"pallas_tpu"`` / ``"pallas_gpu"`` (Triton) / ``"pallas_mosaic_gpu"`` (Hopper and newer:
+  head width a multiple of 64, 16-bit inputs): the fused flash-style kernels of
+  :mod:`runway_jax.kernels` (METHOD (3c)); they never hold a ``T x T`` array. They run on their
+  accelerator; ``"pallas_tpu_interpret"`` / ``"pallas_gpu_interpret"`` /
+  ``"pallas_mosaic_gpu_interpret"`` run the same kernels in Pallas interpret mode on any backend
+  (slow; for tests on CPU). They take every option of METHOD (7)
   except a dense ``mask`` (window, soft cap, fewer queries than keys, ``key_value_seq_lengths``,
   segment ids, a traced ``beta``), but not the ALiBi options or a traced ``scale``. Inside a
   ``jax.set_mesh`` context they run under ``shard_map`` (batch and heads split over the mesh).
-* ``None``: the best implementation that can run this call: ``"pallas_tpu"`` on TPU,
-  ``"pallas_gpu"`` on GPU, ``"xla"`` otherwise (and ``"xla"`` whenever the kernel cannot take the
+* ``None``: the best implementation that can run this call: ``"pallas_tpu"`` on TPU;
+  ``"pallas_mosaic_gpu"`` on a Hopper or newer GPU, else (or for a call it cannot take, e.g.
+  float32 inputs) ``"pallas_gpu"``; ``"xla"`` otherwise (and whenever no kernel can take the
   call, e.g. with ALiBi).
 * A sequence of names, e.g. ``("pallas_gpu", "xla")``: the first that can run this call.
 
@@ -135,9 +138,10 @@ def rewired_attention(
         padding) and its queries are the last ``Tq`` positions of those ``L_b`` (a cache of
         ragged rows; eq. (7)).
       scale: logit scale, default ``1 / sqrt(d)``; it scales both the logits and g.
-      implementation: ``"reference"``, ``"xla"``, ``"pallas_gpu"``, ``"pallas_tpu"``, their
-        interpret-mode twins ``"pallas_gpu_interpret"``, ``"pallas_tpu_interpret"``, ``None`` (the
-        best available) or a sequence of names tried in order (see the module docstring).
+      implementation: ``"reference"``, ``"xla"``, ``"pallas_gpu"``, ``"pallas_tpu"``,
+        ``"pallas_mosaic_gpu"``, their interpret-mode twins (``"pallas_gpu_interpret"``, ...),
+        ``None`` (the best available) or a sequence of names tried in order (see the module
+        docstring).
       alibi_slopes: optional ``[H]`` ALiBi slopes ``m_h``: adds ``-m_h * (i - j)`` to head h's
         logits. Not part of METHOD; it lets ALiBi models use rewiring.
       runway_alibi_slope: optional ALiBi slope of the runway head's own attention A. The kernel g
@@ -166,7 +170,7 @@ def rewired_attention(
     if return_probabilities:
         implementation = _implementation_with_probabilities(name, implementation)
     implementation = _resolve_implementation(
-        name, implementation, width=query.shape[-1], scale=scale,
+        name, implementation, width=query.shape[-1], dtype=query.dtype, scale=scale,
         uses_alibi=alibi_slopes is not None or runway_alibi_slope is not None,
         beta=beta, lengths=(query.shape[1], key.shape[1]), **options)
     segment_ids = options["segment_ids"]
@@ -272,7 +276,7 @@ def causal_attention(
     if return_probabilities:
         implementation = _implementation_with_probabilities(name, implementation)
     implementation = _resolve_implementation(
-        name, implementation, width=query.shape[-1], scale=scale,
+        name, implementation, width=query.shape[-1], dtype=query.dtype, scale=scale,
         uses_alibi=alibi_slopes is not None, beta=0.0, lengths=(query.shape[1], key.shape[1]),
         **options)
     segment_ids = options["segment_ids"]
@@ -294,10 +298,12 @@ def causal_attention(
 
 
 # The "xla" path's standard attention forms the T x T logits while a call's B x H x Tq x Tk fit
-# this many elements (256 MiB in float32; T <= 2896 at B = 1, H = 8) and goes blockwise, O(T) in
-# memory, beyond. Dense is what XLA's own attention does: benchmarks/attention.py measured it
-# 1.2-1.5x faster than the blocks on CPU below that size, forward and backward.
-DENSE_LOGITS_LIMIT = 2 ** 26
+# this many elements (64 MiB in float32; T <= 1448 at B = 1, H = 8) and goes blockwise, O(T) in
+# memory, beyond. Dense is what XLA's own attention does, 1.2-1.5x faster than the blocks on CPU
+# forward and backward (benchmarks/attention.py); the limit keeps what a model stores for its
+# backward pass small (a gpt2-small step at 4 x 1024 tokens stays blockwise: dense, its 12 layers
+# would keep about 2.4 GiB of probabilities).
+DENSE_LOGITS_LIMIT = 2 ** 24
 
 
 def _dense_logits_fit(query, key) -> bool:
@@ -330,14 +336,31 @@ def target_backend() -> str:
 
 def default_implementation(backend: Optional[str] = None) -> str:
     """The implementation ``implementation=None`` prefers on ``backend`` (default: JAX's):
-    ``"pallas_tpu"`` on TPU, ``"pallas_gpu"`` on a CUDA or ROCm GPU, ``"xla"`` otherwise. (A call
-    the kernel cannot take, e.g. with ALiBi, still falls back to ``"xla"``.)"""
+    ``"pallas_tpu"`` on TPU, ``"pallas_mosaic_gpu"`` on a Hopper or newer GPU, ``"pallas_gpu"`` on
+    an older CUDA or a ROCm GPU, ``"xla"`` otherwise. (A call the kernel cannot take, e.g. with
+    ALiBi, falls back along :func:`default_implementations`.)"""
+    return default_implementations(backend)[0]
+
+
+def default_implementations(backend: Optional[str] = None) -> tuple[str, ...]:
+    """What ``implementation=None`` tries on ``backend``, in order; ``"xla"`` always last."""
     backend = backend or target_backend()
     if backend == "tpu":
-        return "pallas_tpu"
+        return ("pallas_tpu", "xla")
     if backend in ("gpu", "cuda", "rocm"):
-        return "pallas_gpu"
-    return "xla"
+        if _hopper_or_newer():
+            return ("pallas_mosaic_gpu", "pallas_gpu", "xla")
+        return ("pallas_gpu", "xla")
+    return ("xla",)
+
+
+def _hopper_or_newer() -> bool:
+    """JAX's first GPU is sm_90 or newer (TMA and WGMMA, which the Mosaic GPU kernel uses)."""
+    try:
+        capability = jax.devices("gpu")[0].compute_capability
+    except (RuntimeError, AttributeError, IndexError):  # no CUDA device (ROCm has no such field)
+        return False
+    return float(capability) >= 9.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -686,14 +709,14 @@ def _check_alibi(name, alibi_slopes, runway_alibi_slope, heads):
         )
 
 
-def _resolve_implementation(name, implementation, *, width=None, scale=None,
+def _resolve_implementation(name, implementation, *, width=None, dtype=None, scale=None,
                             uses_alibi=False, beta=0.0, lengths=None, mask=None, segment_ids=None,
                             local_window_size=None, logits_soft_cap=None,
                             key_value_seq_lengths=None):
     """The implementation that runs this call: ``implementation`` itself if it can, else a
     one-line ValueError; for ``None`` or a sequence, the first that can run it."""
     if implementation is None:
-        candidates, explicit = (default_implementation(), "xla"), False
+        candidates, explicit = default_implementations(), False
     elif isinstance(implementation, (tuple, list)):
         if not implementation:
             raise ValueError(f"{name}: implementation=() is empty; name at least one of {IMPLEMENTATIONS}.")
@@ -712,7 +735,7 @@ def _resolve_implementation(name, implementation, *, width=None, scale=None,
     ) if used]
     reasons = []
     for choice in candidates:
-        reason = _why_not_runnable(choice, width=width, unsupported=unsupported)
+        reason = _why_not_runnable(choice, width=width, dtype=dtype, unsupported=unsupported)
         if reason is None:
             return choice
         reasons.append(reason)
@@ -723,7 +746,7 @@ def _resolve_implementation(name, implementation, *, width=None, scale=None,
                      f"({details}).")
 
 
-def _why_not_runnable(implementation, *, width, unsupported):
+def _why_not_runnable(implementation, *, width, unsupported, dtype=None):
     """Why ``implementation`` cannot run a call, or ``None`` if it can."""
     if implementation not in kernels.IMPLEMENTATIONS:
         return None
@@ -733,6 +756,10 @@ def _why_not_runnable(implementation, *, width, unsupported):
                 "supported by the pallas kernels; use implementation='xla'")
     if kernel == "pallas_gpu" and width is not None and width & (width - 1):
         return f"head width d={width} is not a power of two (Triton tiles); use implementation='xla'"
+    mosaic_gpu = kernel == "pallas_mosaic_gpu"
+    if mosaic_gpu and width is not None and width % 64:
+        return (f"head width d={width} is not a multiple of 64 (WGMMA tiles); use "
+                "implementation='pallas_gpu' or 'xla'")
     if interpret:
         return None
     backend = target_backend()
@@ -741,6 +768,11 @@ def _why_not_runnable(implementation, *, width, unsupported):
         return (f"it needs a {needed.upper()} but JAX's default backend is {backend!r}; use "
                 f"implementation={kernel + kernels.INTERPRET_SUFFIX!r} to run the kernel in "
                 "interpret mode, or implementation='xla'")
+    if mosaic_gpu and not _hopper_or_newer():
+        return "it needs a Hopper or newer GPU (sm_90+); use implementation='pallas_gpu'"
+    if mosaic_gpu and dtype is not None and jnp.dtype(dtype).itemsize != 2:
+        return (f"{jnp.dtype(dtype).name} inputs would need tf32 WGMMA, which it lacks; pass "
+                "bfloat16 or float16, or use implementation='pallas_gpu'")
     return None
 
 

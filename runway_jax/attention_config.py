@@ -23,8 +23,8 @@ from typing import Optional, Union
 RUNWAY_COEFFICIENTS = ("bilinear", "dot")
 RUNWAY_SPANS = ("exact", "prefix")
 # The kernels' "_interpret" twins run them in Pallas interpret mode on any backend (CPU tests).
-IMPLEMENTATIONS = ("reference", "xla", "pallas_gpu", "pallas_tpu", "pallas_gpu_interpret",
-                   "pallas_tpu_interpret")
+IMPLEMENTATIONS = ("reference", "xla", "pallas_gpu", "pallas_tpu", "pallas_mosaic_gpu",
+                   "pallas_gpu_interpret", "pallas_tpu_interpret", "pallas_mosaic_gpu_interpret")
 POSITION_ENCODINGS = ("rope", "nope", "alibi")
 RUNWAY_KEYS = ("own", "group")
 
@@ -61,8 +61,8 @@ class AttentionOptions:
     group's key: no extra parameters; needs num_kv_heads < num_heads dividing it)."""
     implementation: Implementation = dataclasses.field(
         default=None, metadata=_flag("attention_implementation"))
-    """"reference", "xla", "pallas_gpu", "pallas_tpu", several in order of preference (a tuple;
-    comma-separated on the command line), or None for the best available."""
+    """"reference", "xla", "pallas_gpu", "pallas_tpu", "pallas_mosaic_gpu", several in order of
+    preference (a tuple; comma-separated on the command line), or None for the best available."""
     scale: Optional[float] = dataclasses.field(default=None, metadata=_flag("attention_scale"))
     """Attention logit scale, > 0; None: 1 / sqrt(head_dim) (Gemma: query_pre_attn_scalar**-0.5)."""
     local_window_size: Optional[int] = None

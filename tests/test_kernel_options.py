@@ -19,7 +19,9 @@ from method_direct import direct_options, spec_loop
 from runway_jax import attention, kernels
 from runway_jax.kernels import cost_model, tiling
 
-TARGETS = kernels.KERNELS
+# The 8-row-tile kernels; the Mosaic GPU kernel (64-row tiles, d a multiple of 64, a slow
+# interpreter) has its own files: tests/test_kernel_mosaic_gpu*.py.
+TARGETS = ("pallas_tpu", "pallas_gpu")
 NAMES = ("query", "key", "value", "runway_query", "runway_key", "beta")
 BLOCKS = tiling.BlockSizes(block_q=8, block_k=8, heads_per_program=2)
 WIDTH = 8

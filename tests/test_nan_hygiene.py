@@ -26,6 +26,9 @@ CAUSAL_POSITION = 9  # in the second 8-row tile, beside row 8 that cannot see it
 SECOND_DOCUMENT = 7  # documents [0, 7) and [7, 13)
 DOCUMENT_POSITION = 3
 SMALL_BLOCKS = tiling.BlockSizes(block_q=8, block_k=8, heads_per_program=2)
+# The 8-row-tile kernels; the Mosaic GPU kernel (64-row tiles, d a multiple of 64, a slow
+# interpreter) has its own files: tests/test_kernel_mosaic_gpu*.py.
+KERNELS = ("pallas_tpu", "pallas_gpu")
 POISONS = (jnp.nan, jnp.inf)
 
 
@@ -89,7 +92,7 @@ def rewired(implementation, beta=0.8, **options):
         return lambda *a: blockwise.rewired_attention(
             *a[:5], segment_ids=a[5], beta=beta, scale=WIDTH ** -0.5, alibi_slopes=None,
             runway_alibi_slope=None, query_block=8, key_block=4, **options)
-    if implementation in kernels.KERNELS:
+    if implementation in KERNELS:
         return lambda *a: kernels.rewired_attention(
             *a[:5], segment_ids=a[5], implementation=implementation + kernels.INTERPRET_SUFFIX,
             beta=beta, scale=None, block_sizes=SMALL_BLOCKS, **options)
@@ -100,7 +103,7 @@ def rewired(implementation, beta=0.8, **options):
 # Both spans with both coefficient kinds where it is cheap; the interpret-mode kernels pair them.
 FAST = [(i, c, s) for i in ("reference", "xla", "xla_small_blocks")
         for c in ("bilinear", "dot") for s in ("exact", "prefix")]
-KERNEL = [(t, c, s) for t in kernels.KERNELS for c, s in (("bilinear", "exact"), ("dot", "prefix"))]
+KERNEL = [(t, c, s) for t in KERNELS for c, s in (("bilinear", "exact"), ("dot", "prefix"))]
 
 
 @pytest.mark.parametrize("implementation,coefficient,span", FAST + KERNEL)
@@ -123,7 +126,7 @@ def test_beta_zero_ignores_a_poisoned_runway_head(implementation):
 
 
 def causal(implementation):
-    if implementation in kernels.KERNELS:
+    if implementation in KERNELS:
         return lambda q, k, v, s: kernels.causal_attention(
             q, k, v, segment_ids=s, implementation=implementation + kernels.INTERPRET_SUFFIX,
             scale=None, block_sizes=SMALL_BLOCKS)
@@ -135,7 +138,7 @@ def causal(implementation):
                                                          implementation=implementation)
 
 
-@pytest.mark.parametrize("implementation", ["reference", "xla", "xla_blockwise", *kernels.KERNELS])
+@pytest.mark.parametrize("implementation", ["reference", "xla", "xla_blockwise", *KERNELS])
 def test_causal_attention_keeps_poison_behind_the_masks(implementation):
     check(causal(implementation), NAMES[:3])
 

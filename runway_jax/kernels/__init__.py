@@ -2,8 +2,9 @@
 
 * :mod:`runway_jax.kernels.tpu` -- Mosaic TPU (``implementation="pallas_tpu"``).
 * :mod:`runway_jax.kernels.gpu` -- Triton-lowered Pallas GPU (``implementation="pallas_gpu"``).
-* :mod:`runway_jax.kernels.mosaic_gpu` -- Mosaic GPU (Hopper) forward kernels, tested in the
-  Mosaic GPU interpreter and lowered for CUDA; not yet an implementation (no backward pass).
+* :mod:`runway_jax.kernels.mosaic_gpu` and :mod:`runway_jax.kernels.mosaic_gpu_backward` --
+  Mosaic GPU, Hopper and newer (``implementation="pallas_mosaic_gpu"``): 64-row WGMMA tiles,
+  head width a multiple of 64, 16-bit inputs on hardware (float32 in the interpreter only).
 * :mod:`runway_jax.kernels.reference` -- their pure-``jnp`` twin (same tiles, same order).
 * What the targets share, one concept per file: :mod:`runway_jax.kernels.tiling` (block sizes,
   the plan of a call, which tiles run), :mod:`runway_jax.kernels.layouts` (token-major to padded
@@ -29,7 +30,8 @@ needs it on accelerators yet), a traced ``scale`` (it is baked into the kernels)
 head width that is not a power of two (Triton tiles).
 
 Backward pass: the Pallas backward kernels of METHOD (3d) of each target
-(:func:`runway_jax.kernels.tpu.backward`, :func:`runway_jax.kernels.gpu.backward`). Residuals are
+(:func:`runway_jax.kernels.tpu.backward`, :func:`runway_jax.kernels.gpu.backward`,
+:func:`runway_jax.kernels.mosaic_gpu_backward.backward`). Residuals are
 the padded kernel-layout inputs, the output, the heads' and the runway head's log-sum-exp, ``u``
 and ``beta`` (``O(T (H + 1) d)``, nothing ``T x T``).
 
@@ -51,11 +53,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from runway_jax.kernels import gpu, layouts, tiling, tpu
+from runway_jax.kernels import gpu, layouts, mosaic_gpu, mosaic_gpu_backward, tiling, tpu
 from runway_jax.kernels.tiling import BlockSizes
 from runway_jax.masking import poison_rows, quarantine_nonfinite
 
-KERNELS = ("pallas_tpu", "pallas_gpu")
+KERNELS = ("pallas_tpu", "pallas_gpu", "pallas_mosaic_gpu")
 # Each kernel also runs in Pallas interpret mode, on any backend (slow: for CPU tests). Interpret
 # mode is part of the implementation's name, so one value (a model config's, a call's) says
 # everything about how attention runs, and a jit cache keyed on it cannot run the wrong one.
@@ -74,7 +76,13 @@ def kernel_of(implementation: str) -> tuple[str, bool]:
 
 def default_block_sizes(implementation: str) -> BlockSizes:
     kernel, _ = kernel_of(implementation)
-    return BlockSizes.tpu_default() if kernel == "pallas_tpu" else BlockSizes.gpu_default()
+    return {"pallas_tpu": BlockSizes.tpu_default, "pallas_gpu": BlockSizes.gpu_default,
+            "pallas_mosaic_gpu": BlockSizes.mosaic_gpu_default}[kernel]()
+
+
+def min_block(implementation: str) -> int:
+    """The smallest tile a kernel takes: 8 rows (TPU sublanes, Triton), 64 for Hopper's WGMMA."""
+    return mosaic_gpu.MIN_BLOCK if kernel_of(implementation)[0] == "pallas_mosaic_gpu" else 8
 
 
 def forward(*arrays, implementation, plan, beta, runway_coefficient, runway_span, scale,
@@ -87,6 +95,9 @@ def forward(*arrays, implementation, plan, beta, runway_coefficient, runway_span
                    interpret=interpret)
     if kernel == "pallas_tpu":
         return tpu.forward(*arrays, **options)
+    if kernel == "pallas_mosaic_gpu":
+        return mosaic_gpu.forward(*arrays, heads_per_program=block_sizes.heads_per_program,
+                                  **options)
     return gpu.forward(*arrays, block_sizes=block_sizes, **options)
 
 
@@ -168,7 +179,8 @@ class _Options:
 
     def plan(self, query, key, key_value_seq_lengths):
         return tiling.plan(query.shape[1], self.block_sizes, key_length=key.shape[1],
-                           window=self.window, ragged=key_value_seq_lengths is not None)
+                           window=self.window, ragged=key_value_seq_lengths is not None,
+                           min_block=min_block(self.implementation))
 
     def kernel_options(self, plan):
         """Keywords of the target files' ``forward``/``backward`` (:mod:`tpu`, :mod:`gpu`)."""
@@ -220,8 +232,13 @@ def _fused_backward(options, residuals, cotangent):
     plan = options.plan(query, key, key_value_seq_lengths)
     out_grad = jnp.swapaxes(layouts.pad_length(cotangent, plan.padded_query_length), 1, 2)
     backward_options = dict(options.kernel_options(plan), beta=beta)
-    if kernel_of(options.implementation)[0] == "pallas_tpu":
+    kernel = kernel_of(options.implementation)[0]
+    if kernel == "pallas_tpu":
         grads = tpu.backward(*kernel_residuals, out_grad, **backward_options)
+    elif kernel == "pallas_mosaic_gpu":
+        grads = mosaic_gpu_backward.backward(
+            *kernel_residuals, out_grad, heads_per_program=options.block_sizes.heads_per_program,
+            **backward_options)
     else:
         grads = gpu.backward(*kernel_residuals, out_grad, block_sizes=options.block_sizes,
                              **backward_options)

@@ -75,6 +75,15 @@ class BlockSizes:
         standard attention). Not timed on hardware (none was available)."""
         return cls(block_q=16, block_k=16, heads_per_program=1, num_warps=4, num_stages=1)
 
+    @classmethod
+    def mosaic_gpu_default(cls) -> "BlockSizes":
+        """64 x 64 tiles (WGMMA's smallest M, and a 128-byte swizzle row of bfloat16), two rewired
+        heads per program: at d = 128 the forward's shared memory fits at most four heads' queries
+        beside the key tiles, and one warpgroup's registers hold about two heads' float32
+        accumulators (see :mod:`runway_jax.kernels.mosaic_gpu`); the backward fits any group.
+        Lowered for CUDA at T=4096, H=16, d=128 bf16; not timed on hardware."""
+        return cls(block_q=64, block_k=64, heads_per_program=2)
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
