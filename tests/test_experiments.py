@@ -11,6 +11,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 import configs  # noqa: E402  (experiments/configs.py)
 import report  # noqa: E402  (experiments/report.py)
+import round2  # noqa: E402  (experiments/round2.py)
+import round2_report  # noqa: E402  (experiments/round2_report.py)
 import study  # noqa: E402  (experiments/study.py)
 
 from runway_jax.model import count_parameters  # noqa: E402
@@ -65,3 +67,47 @@ def test_published_tables_are_what_report_makes_of_the_published_results(tmp_pat
     report.write(summary, str(tmp_path))
     strip = lambda text: text.split("-->", 1)[1]  # the header names the generating command
     assert strip((tmp_path / "tables.md").read_text()) == strip((published / "tables.md").read_text())
+
+
+@pytest.mark.slow
+def test_quick_round2_writes_intervals_window_losses_tables_and_figures(tmp_path, capsys):
+    """experiments/round2.py --quick end to end: every run of both parts trained and scored on
+    the same windows, each comparison with both intervals at each length, the per-window losses
+    in an npz that reproduces the intervals, and a second call that trains nothing."""
+    import numpy as np
+    from runway_jax.evaluation import bootstrap
+
+    assert round2.main(["--quick", f"--workdir={tmp_path}"]) == 0
+    out = tmp_path / "round2"
+    summary = json.loads((out / "results.json").read_text())
+    names = {run.name for runs in round2.parts(quick=True).values() for run in runs}
+    assert {f"{run['group']}/seed{run['seed']}" for run in summary["runs"]} == names
+    lengths = [str(n) for n in summary["lengths"]]
+    assert set(summary["comparisons"]) == {"rewired - baseline", "rewired - baseline_matched_heads",
+                                           "rewired_beta_0.5 - rewired"}
+    losses = np.load(out / "window_losses.npz", allow_pickle=False)
+    for length in lengths:
+        result = summary["comparisons"]["rewired - baseline"][length]
+        for kind in ("items", "seeds_and_items"):
+            assert result[kind]["low"] <= result[kind]["difference"] <= result[kind]["high"]
+        assert result["verdict"] in bootstrap.VERDICTS and len(result["per_seed"]) == 2
+        assert result["seeds_and_items"]["items"] == round2.QUICK_WINDOWS
+        # The published per-window losses give the same interval again.
+        pair = [np.stack([losses[f"{group}/seed{seed}/{length}"] for seed in (0, 1)])
+                for group in ("rewired", "baseline")]
+        again = bootstrap.paired_difference(*pair)
+        np.testing.assert_allclose(again["low"], result["seeds_and_items"]["low"], rtol=1e-4)
+    tables = (out / "tables.md").read_text()
+    assert "over seeds and windows" in tables and "rewired_beta_0.5 - rewired" in tables
+    for figure in ("perplexity_intervals", "beta"):
+        assert (out / f"{figure}.png").stat().st_size > 5_000
+    capsys.readouterr()
+    assert round2.main(["--quick", f"--workdir={tmp_path}", "--parts=precision"]) == 0
+    printed = capsys.readouterr().out
+    assert "nothing to train" in printed and "] length " not in printed  # no evaluation again
+
+
+def test_round2_flags_fail_in_one_line(capsys):
+    with pytest.raises(SystemExit):
+        round2.main(["--parts=precision,recall"])
+    assert "--parts='precision,recall': choose from precision, beta" in capsys.readouterr().err
