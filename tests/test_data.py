@@ -254,6 +254,43 @@ def test_synthetic_pipelines_score_only_answers():
 
 
 @needs_shakespeare
+def test_synthetic_share_mixes_retrieval_rows_into_the_training_text():
+    """synthetic_share = 0.25: about a quarter of the training rows are retrieval rows scored on
+    their answers only, half passkey hidden in the corpus's own text, half associative recall;
+    the mixture is deterministic and validation stays the held-out text."""
+    tokenizer = ByteTokenizer()
+    config = DataConfig(seq_len=512, batch_size=8, synthetic_share=0.25, recall_pairs=8,
+                        recall_queries=4)
+    take = lambda cfg, split="train": [next(it) for it in [iter(make_dataset(cfg, split, tokenizer))]
+                                       for _ in range(12)]
+    batches = take(config)
+    scored = np.concatenate([b["loss_mask"] for b in batches]).sum(1)
+    inputs = np.concatenate([b["inputs"] for b in batches])
+    texts = [tokenizer.decode(row[row != tokenizer.pad_id]) for row in inputs]
+    passkey = [i for i, text in enumerate(texts) if "The pass key is" in text]
+    recall = np.flatnonzero(scored == 4)
+    synthetic_rows = (len(passkey) + len(recall)) / len(inputs)
+    assert 0.1 < synthetic_rows < 0.45 and passkey and len(recall), (len(passkey), len(recall))
+    assert np.all(scored[passkey] == 6)  # the 5 digits and EOS
+    training_text = " ".join(documents(config, "train"))
+    for row in passkey[:3]:
+        after_needle = texts[row].split("is the pass key. ", 1)[1][:40]
+        assert len(after_needle) < 20 or after_needle in training_text  # real filler
+    for got, want in zip(batches, take(config)):
+        np.testing.assert_array_equal(got["inputs"], want["inputs"])
+    plain = config.__class__(seq_len=512, batch_size=8)
+    for got, want in zip(take(config, "validation")[:2], take(plain, "validation")[:2]):
+        np.testing.assert_array_equal(got["inputs"], want["inputs"])
+    for kwargs, needle in [({"synthetic_share": 1.0}, "in \\[0, 1\\)"),
+                           ({"synthetic_share": 0.2, "source": "recall"}, "synthetic already"),
+                           ({"synthetic_share": 0.2, "packing": "pack"}, "packing='chunk'")]:
+        with pytest.raises(DataError, match=needle):
+            DataConfig(**kwargs)
+    with pytest.raises(DataError, match="raise seq_len"):
+        make_dataset(DataConfig(seq_len=128, batch_size=8, synthetic_share=0.2), "train", tokenizer)
+
+
+@needs_shakespeare
 def test_embedded_corpus_split_is_deterministic_disjoint_and_named():
     works = list(corpus.work_files())
     assert len(works) == 42

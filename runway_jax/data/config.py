@@ -48,6 +48,11 @@ class DataConfig:
     """Passkey: characters of filler text around the key."""
     passkey_digits: int = 5
     """Passkey: digits of the key."""
+    synthetic_share: float = 0.0
+    """Share of the training rows that are synthetic retrieval rows mixed into a text source, half
+    passkey (the key hidden in the source's own text) and half associative recall (recall_pairs,
+    recall_queries), each one row of seq_len tokens scored on its answer only; 0 <= share < 1.
+    Validation stays the held-out text."""
 
     def __post_init__(self):
         for name in ("seq_len", "batch_size", "bpe_vocab_size", "worker_count", "shuffle_seed",
@@ -67,3 +72,12 @@ class DataConfig:
                 raise DataError(f"{name}={getattr(self, name)} must be >= 0.")
         if not self.source:
             raise DataError("source is empty; use 'shakespeare', 'recall', 'passkey' or file paths.")
+        share = self.synthetic_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
+            raise DataError(f"synthetic_share={share!r} must be a number in [0, 1).")
+        if share and self.source in SYNTHETIC_SOURCES:
+            raise DataError(f"synthetic_share={share} mixes retrieval rows into text; source="
+                            f"{self.source!r} is synthetic already: use a text source.")
+        if share and self.packing == "pack":
+            raise DataError(f"synthetic_share={share} needs packing='chunk' or 'auto' (rows are "
+                            "mixed in memory), not 'pack'.")

@@ -113,7 +113,10 @@ def make_dataset(config: DataConfig, split: str, tokenizer, *, process_index: in
         rows = _synthetic_rows(config, split, tokenizer, row_length)
         return _finish(rows, config, train, process_index, process_count, num_epochs)
     if _packing(config) == "chunk":
-        rows = _chunked_rows(tuple(documents(config, split)), tokenizer, row_length)
+        texts = tuple(documents(config, split))
+        rows = _chunked_rows(texts, tokenizer, row_length)
+        if train and config.synthetic_share:
+            rows = _with_retrieval_rows(rows, texts, config, tokenizer, row_length)
         return _finish(rows, config, train, process_index, process_count, num_epochs)
 
     dataset = grain.MapDataset.source(document_source(config, split))[process_index::process_count]
@@ -223,6 +226,41 @@ def _synthetic_rows(config, split, tokenizer, row_length):
     row = recall_row if config.source == "recall" else passkey_row
     row(0)  # an example that does not fit in a row fails here, at start-up
     return grain.MapDataset.range(size).map(row)
+
+
+def _with_retrieval_rows(rows, texts, config, tokenizer, row_length):
+    """``rows`` mixed with synthetic retrieval rows (``config.synthetic_share`` of the result, half
+    passkey in the source's own text, half associative recall), in a fixed interleaving that
+    :func:`_finish` then shuffles. The synthetic datasets are as long as ``rows``, so the text
+    rows bound the mixture's length (about ``len(rows) / (1 - share)``)."""
+    seed = config.shuffle_seed * 2 + 1_000_003  # apart from the synthetic sources' own seeds
+    filler_text = " ".join(texts)
+    chars_per_token = max(1.0, len(texts[0][:20_000]) / max(1, len(tokenizer.encode(texts[0][:20_000]))))
+
+    def passkey_row(index):
+        depth = float(np.random.default_rng([seed, index, 1]).uniform())
+        # Fill the row: start from the characters that should fit, shrink until the example does.
+        filler_chars = int(row_length * chars_per_token)
+        for _ in range(20):
+            prompt, answer = synthetic.passkey(seed, index, filler_chars=filler_chars, depth=depth,
+                                               digits=config.passkey_digits, filler_text=filler_text)
+            prompt_tokens = tokenizer.encode(prompt)
+            tokens = np.concatenate([prompt_tokens, _with_eos(tokenizer.encode(answer), tokenizer)])
+            if len(tokens) <= row_length:
+                break
+            filler_chars = int(filler_chars * 0.9 * row_length / len(tokens))
+        scored = np.arange(len(tokens)) >= len(prompt_tokens) - 1  # predict the key and EOS
+        return _padded(tokens, scored, row_length, tokenizer.pad_id)
+
+    def recall_row(index):
+        example = synthetic.associative_recall(
+            seed, index, num_pairs=config.recall_pairs, num_queries=config.recall_queries)
+        return _padded(example["tokens"], example["loss_mask"], row_length, tokenizer.pad_id)
+
+    passkey_row(0), recall_row(0)  # a task longer than a row fails here, at start-up
+    synthetic_rows = [grain.MapDataset.range(len(rows)).map(fn) for fn in (passkey_row, recall_row)]
+    share = config.synthetic_share
+    return grain.MapDataset.mix([rows, *synthetic_rows], weights=[1 - share, share / 2, share / 2])
 
 
 def _padded(tokens, scored, row_length, pad_id):

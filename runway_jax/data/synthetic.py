@@ -43,16 +43,24 @@ def associative_recall(seed: int, index: int, *, num_pairs: int, num_queries: in
     return {"tokens": tokens, "loss_mask": loss_mask}
 
 
-def passkey(seed: int, index: int, *, filler_chars: int, depth: float, digits: int = 5):
+def passkey(seed: int, index: int, *, filler_chars: int, depth: float, digits: int = 5,
+            filler_text: str | None = None):
     """``(prompt, answer)``: a ``digits``-digit pass key stated at relative ``depth`` in [0, 1] of
-    about ``filler_chars`` characters of filler, asked for at the end."""
+    about ``filler_chars`` characters of filler, asked for at the end. The filler repeats
+    :data:`FILLER`, or is ``filler_chars`` consecutive characters of ``filler_text`` (real text)
+    from a place chosen by ``(seed, index)``."""
     if not 0.0 <= depth <= 1.0:
         raise DataError(f"passkey depth={depth} must be in [0, 1].")
     if digits < 1 or filler_chars < 0:
         raise DataError(f"passkey digits={digits} must be >= 1 and filler_chars={filler_chars} >= 0.")
     rng = _rng(seed, index)
     key = "".join(str(d) for d in [rng.integers(1, 10), *rng.integers(0, 10, size=digits - 1)])
-    filler = (FILLER * (filler_chars // len(FILLER) + 1))[:filler_chars]
+    if filler_text:
+        text = filler_text * (filler_chars // len(filler_text) + 1)  # short texts wrap around
+        start = int(rng.integers(0, max(1, len(text) - filler_chars)))
+        filler = text[start:start + filler_chars]
+    else:
+        filler = (FILLER * (filler_chars // len(FILLER) + 1))[:filler_chars]
     sentence_end = filler.rfind(". ", 0, int(depth * len(filler)))  # hide it between sentences
     cut = sentence_end + 2 if sentence_end >= 0 else 0
     needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
