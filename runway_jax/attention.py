@@ -31,9 +31,9 @@ alignment, for decoding and chunked prefill).
 * ``"xla"``: the memory-lean eq. (3b) evaluation in :mod:`runway_jax.blockwise`, chunked over query
   blocks and key blocks; it never builds a ``T x T x T`` or ``T x T x d`` array, and its backward
   pass recomputes each chunk instead of storing it. For :func:`causal_attention` alone, a call
-  whose ``B x H x Tq x Tk`` logits fit :data:`DENSE_LOGITS_LIMIT` forms them whole, as XLA's own
-  ``jax.nn.dot_product_attention`` does (the ``"reference"`` evaluation): on CPU that is as fast
-  as XLA's and 1.2-1.5x faster than the blocks there; beyond the limit it goes blockwise.
+  whose ``B x H x Tq x Tk`` logits fit :data:`DENSE_LOGITS_LIMIT` (and without ALiBi or a soft
+  cap) runs XLA's own dense ``jax.nn.dot_product_attention``, 1.2-1.5x faster than the blocks on
+  CPU there; beyond the limit it goes blockwise.
 * ``"pallas_tpu"`` / ``"pallas_gpu"`` (Triton) / ``"pallas_mosaic_gpu"`` (Hopper and newer:
   head width a multiple of 64, 16-bit inputs): the fused flash-style kernels of
   :mod:`runway_jax.kernels` (METHOD (3c)); they never hold a ``T x T`` array. They run on their
@@ -291,24 +291,44 @@ def causal_attention(
             query, key, value, runway, runway, _segments_or_zeros(segment_ids, key),
             key_value_seq_lengths=options["key_value_seq_lengths"])
     options.update(scale=scale, alibi_slopes=alibi_slopes)
-    if implementation == "reference" or _dense_logits_fit(query, key):
+    if implementation == "reference":
         return _reference_causal_attention(query, key, value,
                                            return_probabilities=return_probabilities, **options)
+    if _dense_logits_fit(query, key) and alibi_slopes is None and logits_soft_cap is None:
+        return _dense_causal_attention(query, key, value, **options)
     return blockwise.causal_attention(query, key, value, **options)
 
 
-# The "xla" path's standard attention forms the T x T logits while a call's B x H x Tq x Tk fit
-# this many elements (64 MiB in float32; T <= 1448 at B = 1, H = 8) and goes blockwise, O(T) in
-# memory, beyond. Dense is what XLA's own attention does, 1.2-1.5x faster than the blocks on CPU
-# forward and backward (benchmarks/attention.py); the limit keeps what a model stores for its
-# backward pass small (a gpt2-small step at 4 x 1024 tokens stays blockwise: dense, its 12 layers
-# would keep about 2.4 GiB of probabilities).
+# The "xla" path's standard attention (without ALiBi or a soft cap) is XLA's own dense
+# jax.nn.dot_product_attention while a call's B x H x Tq x Tk logits fit this many elements
+# (64 MiB in float32; T <= 1448 at B = 1, H = 8), and blockwise, O(T) in memory, beyond. Dense is
+# 1.2-1.5x faster than the blocks on CPU (benchmarks/attention.py); the limit keeps what a model
+# stores for its backward pass small (a gpt2-small step at 4 x 1024 tokens stays blockwise: dense,
+# its 12 layers would keep about 2.4 GiB of probabilities).
 DENSE_LOGITS_LIMIT = 2 ** 24
 
 
 def _dense_logits_fit(query, key) -> bool:
     batch, query_length, heads, _ = query.shape
     return batch * heads * query_length * key.shape[1] <= DENSE_LOGITS_LIMIT
+
+
+def _dense_causal_attention(query, key, value, *, mask, segment_ids, local_window_size,
+                            logits_soft_cap, key_value_seq_lengths, scale, alibi_slopes):
+    """Standard attention by ``jax.nn.dot_product_attention(implementation="xla")`` with METHOD
+    (7a)'s visibility as its mask, and this library's invariants around it: non-finite inputs
+    quarantined (METHOD (6) item 3) and fully masked rows zero (XLA's give the mean of the
+    values)."""
+    del logits_soft_cap, alibi_slopes  # None here (see causal_attention)
+    _, visible = _reference_visibility(query, key, mask=mask, segment_ids=segment_ids,
+                                       local_window_size=local_window_size,
+                                       key_value_seq_lengths=key_value_seq_lengths)
+    poisoned = _reference_poisoned(query, key, value, visible, None)
+    out = jax.nn.dot_product_attention(finite_or_zero(query), finite_or_zero(key),
+                                       finite_or_zero(value), mask=visible[:, None], scale=scale,
+                                       implementation="xla")
+    out = jnp.where(visible.any(-1)[..., None, None], out, jnp.zeros((), out.dtype))
+    return poison_rows(out, poisoned)
 
 
 # The backend that implementation selection targets while a program is traced for ahead-of-time

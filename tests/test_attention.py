@@ -139,9 +139,9 @@ def test_beta_zero_is_standard_attention(path, segments):
 
 
 def test_xla_causal_attention_is_dense_within_the_limit_and_blockwise_beyond(monkeypatch):
-    """causal_attention("xla") forms the logits whole while B x H x Tq x Tk fit
-    DENSE_LOGITS_LIMIT (the reference evaluation, bit for bit) and goes blockwise beyond; both
-    agree with the direct evaluation, forward and backward, with segments, GQA and Tq < Tk."""
+    """causal_attention("xla") is XLA's dense attention while B x H x Tq x Tk fit
+    DENSE_LOGITS_LIMIT and blockwise beyond; both agree with the reference evaluation, forward
+    and backward, with segments, GQA and Tq < Tk."""
     query, key, value, _, _ = make_inputs(21, 2, 37, 4, 2, 8)
     query = query[:, 5:]  # the last 32 positions
     segment_ids = make_segments(21, 2, 37)
@@ -160,14 +160,17 @@ def test_xla_causal_attention_is_dense_within_the_limit_and_blockwise_beyond(mon
     reference = run_with("reference", logits)
     dense = run_with("xla", logits)
     blocks = run_with("xla", logits - 1)
-    for got, want in zip(jax.tree.leaves(dense), jax.tree.leaves(reference)):
-        np.testing.assert_array_equal(got, want)
     scale = 8 ** -0.5
+    options = dict(mask=None, segment_ids=segment_ids, local_window_size=None,
+                   logits_soft_cap=None, key_value_seq_lengths=None, scale=scale, alibi_slopes=None)
+    np.testing.assert_array_equal(
+        dense[0], attention._dense_causal_attention(query, key, value, **options))
     direct = blockwise.causal_attention(query, key, value, segment_ids=segment_ids, scale=scale,
                                         alibi_slopes=None)
     np.testing.assert_array_equal(blocks[0], direct)
-    for got, want in zip(jax.tree.leaves(blocks), jax.tree.leaves(reference)):
-        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    for path in (dense, blocks):
+        for got, want in zip(jax.tree.leaves(path), jax.tree.leaves(reference)):
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
 def test_causal_attention_implementations_agree_with_alibi():
