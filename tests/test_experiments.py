@@ -111,3 +111,30 @@ def test_round2_flags_fail_in_one_line(capsys):
     with pytest.raises(SystemExit):
         round2.main(["--parts=precision,recall"])
     assert "--parts='precision,recall': choose from precision, beta" in capsys.readouterr().err
+
+
+def test_published_round2_tables_and_intervals_follow_from_the_published_results(tmp_path):
+    """docs/results/round2/tables.md (quoted by docs/results.md) is what round2_report makes of
+    the published results.json, and every published interval is what the bootstrap gives again
+    from the published per-window losses."""
+    import numpy as np
+    from runway_jax.evaluation import bootstrap
+
+    published = ROOT / "docs" / "results" / "round2"
+    summary = json.loads((published / "results.json").read_text())
+    assert not summary["quick"]
+    expected = {run.name for part in summary["parts"] for run in round2.parts()[part]}
+    assert {f"{run['group']}/seed{run['seed']}" for run in summary["runs"]} == expected
+    round2_report.write(summary, str(tmp_path))
+    strip = lambda text: text.split("-->", 1)[1]  # the header names the generating command
+    assert strip((tmp_path / "tables.md").read_text()) == strip((published / "tables.md").read_text())
+    losses = np.load(published / "window_losses.npz", allow_pickle=False)
+    for name, by_length in summary["comparisons"].items():
+        candidate, reference = name.split(" - ")
+        for length, result in by_length.items():
+            pair = [np.stack([losses[f"{group}/seed{seed}/{length}"] for seed in (0, 1, 2)])
+                    for group in (candidate, reference)]
+            again = bootstrap.paired_difference(*pair)
+            for key in ("difference", "low", "high"):
+                np.testing.assert_allclose(again[key], result["seeds_and_items"][key], rtol=1e-3,
+                                           atol=1e-4, err_msg=f"{name} @ {length}: {key}")
