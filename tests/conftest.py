@@ -44,3 +44,18 @@ def trained(tmp_path_factory):
         workdirs[name] = root / name
         train_and_evaluate(config, str(workdirs[name]), devices=jax.devices()[:1], log=lambda *_: None)
     return workdirs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module: the suite compiles thousands of small
+    programs (kernels in interpret mode, whole training runs), and keeping them all for the
+    session grows one process's memory for nothing (a 3.11 CI run aborted inside XLA's compiler
+    in the last module)."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
