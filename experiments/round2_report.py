@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from report import _groups, _spread  # experiments/report.py: round 1's grouping and mean (min..max)
 from runway_jax.evaluation import plots
 from runway_jax.files import write_text
 
@@ -33,20 +34,6 @@ def write(summary: dict, out: str) -> str:
     if betas:
         _beta_figure(betas, summary["lengths"], os.path.join(out, "beta.png"))
     return text
-
-
-def _groups(runs):
-    groups = {}
-    for run in runs:
-        groups.setdefault(run["group"], []).append(run)
-    return groups
-
-
-def _spread(values, digits=2):
-    mean = np.mean(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ({min(values):.{digits}f}..{max(values):.{digits}f})"
 
 
 def _perplexity_table(groups, lengths):
