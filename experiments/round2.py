@@ -31,19 +31,18 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import configs  # noqa: E402  (experiments/configs.py)
 import round2_report  # noqa: E402  (experiments/round2_report.py)
+import runner  # noqa: E402  (experiments/runner.py)
 
 from runway_jax.data import documents  # noqa: E402
 from runway_jax.evaluation import bootstrap, perplexity  # noqa: E402
 from runway_jax.evaluation.workdirs import load_trained  # noqa: E402
 from runway_jax.files import atomic_write, write_json  # noqa: E402
 from runway_jax.model import count_parameters  # noqa: E402
-from runway_jax.training import train_and_evaluate  # noqa: E402
 from runway_jax.training.loop import config_dict  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,24 +141,18 @@ def main(argv=None) -> int:
 
     all_runs = parts(args.quick)
     runs = list({run.name: run for part in chosen for run in all_runs[part]}.values())
-    start, worked, seconds = time.time(), [], {}
+    start = time.time()
+    max_windows = QUICK_WINDOWS if args.quick else None
+    try:
+        results, seconds = runner.train_in_order(
+            runs, study.base, workdir, lambda run, run_dir: evaluate(run, run_dir, lengths, log, max_windows),
+            log)
+    except runner.Stopped as stopped:
+        log(str(stopped))
+        return stopped.exit_code
     evaluated = {}  # group -> seed -> evaluation
-    for index, run in enumerate(runs):
-        run_start = time.time()
-        config = configs.run_config(study.base, run)
-        run_dir = os.path.join(workdir, "runs", run.group, f"seed{run.seed}")
-        label = f"[{index + 1}/{len(runs)} {run.name}]"
-        log(f"{label} {count_parameters(config.model):,} parameters, {config.steps} steps")
-        train_and_evaluate(config, run_dir, devices=jax.devices()[:1],
-                           log=lambda line: log(f"{label} {line}"))
-        evaluated.setdefault(run.group, {})[run.seed] = evaluate(
-            run, run_dir, lengths, log, max_windows=QUICK_WINDOWS if args.quick else None)
-        seconds[run.name] = time.time() - run_start
-        if seconds[run.name] > 10:
-            worked.append(seconds[run.name])
-        eta = np.mean(worked) * (len(runs) - index - 1) if worked else 0.0
-        log(f"{label} done in {seconds[run.name]:.0f} s; elapsed {(time.time() - start) / 60:.1f} "
-            f"min, eta {eta / 60:.1f} min")
+    for run in runs:
+        evaluated.setdefault(run.group, {})[run.seed] = results[run.name]
     comparisons = {}
     for part in chosen:
         for candidate, reference in COMPARISONS[part]:

@@ -21,12 +21,12 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import configs  # noqa: E402  (experiments/configs.py)
 import report  # noqa: E402  (experiments/report.py)
+import runner  # noqa: E402  (experiments/runner.py)
 
 from runway_jax.data import documents  # noqa: E402
 from runway_jax.data.benchmark_formats import load_tasks  # noqa: E402
@@ -35,7 +35,6 @@ from runway_jax.evaluation.perplexity import windows  # noqa: E402
 from runway_jax.evaluation.workdirs import load_trained  # noqa: E402
 from runway_jax.files import write_json  # noqa: E402
 from runway_jax.model import count_parameters  # noqa: E402
-from runway_jax.training import train_and_evaluate  # noqa: E402
 from runway_jax.training.loop import config_dict  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,21 +120,13 @@ def main(argv=None) -> int:
         print(line, flush=True)
 
     start = time.time()
-    results, worked = [], []  # seconds of the runs that trained or evaluated (not cached)
-    for index, run in enumerate(study.runs):
-        run_start = time.time()
-        config = configs.run_config(study.base, run)
-        run_dir = os.path.join(workdir, "runs", run.group, f"seed{run.seed}")
-        label = f"[{index + 1}/{len(study.runs)} {run.name}]"
-        log(f"{label} {count_parameters(config.model):,} parameters, {config.steps} steps")
-        train_and_evaluate(config, run_dir, devices=jax.devices()[:1],
-                           log=lambda line: log(f"{label} {line}"))
-        results.append(evaluate(run, run_dir, study, log))
-        if time.time() - run_start > 10:
-            worked.append(time.time() - run_start)
-        # The ETA assumes the remaining runs all need work, at the mean of those that did.
-        eta = np.mean(worked) * (len(study.runs) - index - 1) if worked else 0.0
-        log(f"{label} done; elapsed {(time.time() - start) / 60:.1f} min, eta {eta / 60:.1f} min")
+    try:
+        evaluated, _ = runner.train_in_order(
+            study.runs, study.base, workdir, lambda run, run_dir: evaluate(run, run_dir, study, log), log)
+    except runner.Stopped as stopped:
+        log(str(stopped))
+        return stopped.exit_code
+    results = [evaluated[run.name] for run in study.runs]
     recall = None if args.skip_recall else run_recall(study, os.path.join(workdir, "recall"), log)
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown"

@@ -107,6 +107,31 @@ def test_quick_round2_writes_intervals_window_losses_tables_and_figures(tmp_path
     assert "nothing to train" in printed and "] length " not in printed  # no evaluation again
 
 
+@pytest.mark.parametrize("script", ["round2", "study"])
+def test_a_signal_during_training_stops_the_study_without_scoring_the_half_trained_run(
+        script, tmp_path, monkeypatch, capsys):
+    """The trainer saves and returns early on SIGTERM; the study must stop there (exit 143 and
+    how to continue), not score the half-trained model nor start the next run (round 2's first
+    beta run was once scored at step 556 of 1000 this way)."""
+    import runner  # experiments/runner.py
+
+    trained, scored = [], []
+
+    def fake_train(config, run_dir, devices=None, log=print):
+        trained.append(run_dir)
+        stopped = len(trained) == 2
+        return {"stopped_by": "SIGTERM" if stopped else None, "final_step": 7 if stopped else config.steps}
+
+    module = {"round2": round2, "study": study}[script]
+    monkeypatch.setattr(runner, "train_and_evaluate", fake_train)
+    monkeypatch.setattr(module, "evaluate", lambda run, *args, **kwargs: scored.append(run.name) or {})
+    assert module.main(["--quick", f"--workdir={tmp_path}"]) == 143
+    assert len(trained) == 2 and len(scored) == 1
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "stopped by SIGTERM at step 7 (saved); run the same command again to continue" in printed
+    assert not list(tmp_path.rglob("results.json"))
+
+
 def test_round2_flags_fail_in_one_line(capsys):
     with pytest.raises(SystemExit):
         round2.main(["--parts=precision,recall"])
