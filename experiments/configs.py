@@ -21,7 +21,8 @@ class Run:
     group: str
     seed: int
     model: dict  # ModelConfig fields changed from the base
-    evaluations: tuple[str, ...]  # of "perplexity", "passkey", "zero_shot", "analysis"
+    evaluations: tuple[str, ...]  # of "perplexity", "passkey", "zero_shot", "analysis", "retrieval"
+    data: dict = dataclasses.field(default_factory=dict)  # DataConfig fields changed from the base
 
     @property
     def name(self) -> str:
@@ -99,4 +100,4 @@ def study(quick: bool = False) -> Study:
 
 def run_config(base: TrainConfig, run: Run) -> TrainConfig:
     return base.replace(model=base.model.replace(**run.model), seed=run.seed,
-                        data=dataclasses.replace(base.data, shuffle_seed=run.seed))
+                        data=dataclasses.replace(base.data, shuffle_seed=run.seed, **run.data))

@@ -13,6 +13,9 @@ Parts (the runs of each are listed by :func:`parts`):
   windows alone and over seeds and windows (:mod:`runway_jax.evaluation.bootstrap`).
 - ``beta``: the rewired model at beta 0.25, 0.5 and 2 (beta 1 is ``rewired``), seeds 0, 1, 2,
   evaluated alike and each compared with beta 1, seed by seed.
+- ``retrieval``: rewired and baseline trained with retrieval rows mixed into the text, scored on
+  passkey retrieval (length x depth, 1x-8x) and associative recall (1x-4x): see
+  ``experiments/round2_retrieval.py``.
 
 Runs are trained in ``WORKDIR/runs/GROUP/seedS`` with the configurations of
 ``experiments/configs.py`` (the layout of ``experiments/study.py``: the same ``--workdir`` reuses
@@ -36,6 +39,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import configs  # noqa: E402  (experiments/configs.py)
 import round2_report  # noqa: E402  (experiments/round2_report.py)
+import round2_retrieval  # noqa: E402  (experiments/round2_retrieval.py)
 import runner  # noqa: E402  (experiments/runner.py)
 
 from runway_jax.data import documents  # noqa: E402
@@ -46,7 +50,7 @@ from runway_jax.model import count_parameters  # noqa: E402
 from runway_jax.training.loop import config_dict  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ("precision", "beta")
+PARTS = ("precision", "beta", "retrieval")
 BETAS = (0.25, 0.5, 2.0)
 QUICK_WINDOWS = 64  # per length with --quick; the study itself scores every window
 
@@ -64,7 +68,8 @@ def parts(quick: bool = False) -> dict:
     betas = (0.5,) if quick else BETAS
     beta = [configs.Run(f"rewired_beta_{value:g}", seed, {"rewire": True, "beta": value},
                         perplexity_only) for value in betas for seed in seeds]
-    return {"precision": main, "beta": [run for run in main if run.group == "rewired"] + beta}
+    return {"precision": main, "beta": [run for run in main if run.group == "rewired"] + beta,
+            "retrieval": round2_retrieval.runs(quick)}
 
 
 COMPARISONS = {  # part: (candidate group, reference group) pairs, differences candidate - reference
@@ -143,19 +148,24 @@ def main(argv=None) -> int:
     runs = list({run.name: run for part in chosen for run in all_runs[part]}.values())
     start = time.time()
     max_windows = QUICK_WINDOWS if args.quick else None
+
+    def evaluate_run(run, run_dir):
+        if "retrieval" in run.evaluations:
+            return round2_retrieval.evaluate(run, run_dir, args.quick, log)
+        return evaluate(run, run_dir, lengths, log, max_windows)
+
     try:
-        results, seconds = runner.train_in_order(
-            runs, study.base, workdir, lambda run, run_dir: evaluate(run, run_dir, lengths, log, max_windows),
-            log)
+        results, seconds = runner.train_in_order(runs, study.base, workdir, evaluate_run, log)
     except runner.Stopped as stopped:
         log(str(stopped))
         return stopped.exit_code
     evaluated = {}  # group -> seed -> evaluation
     for run in runs:
         evaluated.setdefault(run.group, {})[run.seed] = results[run.name]
+    text_runs = [run for run in runs if "retrieval" not in run.evaluations]
     comparisons = {}
     for part in chosen:
-        for candidate, reference in COMPARISONS[part]:
+        for candidate, reference in COMPARISONS.get(part, ()):
             if candidate in evaluated and reference in evaluated:
                 comparisons[f"{candidate} - {reference}"] = compare(evaluated, candidate, reference,
                                                                    lengths)
@@ -166,12 +176,18 @@ def main(argv=None) -> int:
                "minutes": (time.time() - start) / 60, "seconds_per_run": seconds,
                "base_config": config_dict(study.base), "lengths": lengths,
                "runs": [{key: value for key, value in evaluated[run.group][run.seed].items()
-                         if key != "window_loss"} for run in runs],
+                         if key != "window_loss"} for run in text_runs],
                "comparisons": comparisons}
+    if "retrieval" in chosen:
+        retrieval = {group: evaluated[group] for group in round2_retrieval.GROUPS}
+        summary["retrieval"] = {
+            "settings": round2_retrieval.plain_settings(round2_retrieval.settings(args.quick)),
+            "runs": [evaluated[run.group][run.seed] for run in runs if "retrieval" in run.evaluations],
+            "comparison": round2_retrieval.compare(retrieval)}
     write_json(os.path.join(out, "results.json"), summary, indent=1)
     losses = {f"{run.group}/seed{run.seed}/{n}": np.asarray(evaluated[run.group][run.seed]["window_loss"][str(n)],
                                                           np.float32)
-              for run in runs for n in lengths}
+              for run in text_runs for n in lengths}
     with atomic_write(os.path.join(out, "window_losses.npz"), "wb", encoding=None) as handle:
         np.savez_compressed(handle, **losses)
     tables = round2_report.write(summary, out)

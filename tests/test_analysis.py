@@ -129,14 +129,18 @@ def test_runway_analysis_script_rejects_bad_input(tmp_path, trained, capsys):
 
 class _RecallingModel(nnx.Module):
     """Predicts the token that followed the latest earlier occurrence of the current token: at a
-    query that is the key's value, so it recalls perfectly."""
+    query that is the key's value, so it recalls perfectly (with ``span``: only an occurrence
+    fewer than ``span`` tokens back)."""
 
-    def __init__(self, vocab_size):
-        self.vocab_size = vocab_size
+    def __init__(self, vocab_size, span=None):
+        self.vocab_size, self.span = vocab_size, span
 
     def __call__(self, tokens, *, positions=None, segment_ids=None):
         length = tokens.shape[1]
-        earlier = (tokens[:, :, None] == tokens[:, None, :]) & jnp.tril(jnp.ones((length, length), bool), -1)
+        visible = jnp.tril(jnp.ones((length, length), bool), -1)
+        if self.span:
+            visible &= jnp.arange(length)[None, :] > jnp.arange(length)[:, None] - self.span
+        earlier = (tokens[:, :, None] == tokens[:, None, :]) & visible
         latest = jnp.max(jnp.where(earlier, jnp.arange(length), -1), axis=-1)
         following = jnp.take_along_axis(tokens, jnp.clip(latest + 1, 0, length - 1), axis=1)
         return 10.0 * jax.nn.one_hot(following, self.vocab_size)
@@ -190,3 +194,18 @@ def test_recall_script_trains_both_models_and_writes_json_and_png(tmp_path, caps
     assert "resumed" in capsys.readouterr().out
     assert recall_script.main(["--workdir", str(workdir), "--pairs=0"]) == 2
     assert recall_script.main(["--workdir", str(workdir), "--stepz=3"]) == 2
+
+
+def test_recall_by_length_asks_the_same_pairs_from_farther_away():
+    """MQAR at 1x/2x/4x a training length: the pairs come first and queries fill the length, so a
+    model that looks back only a fixed span loses the early pairs as the sequence grows."""
+    perfect = recall.recall_by_length(_RecallingModel(259), [40, 80], num_pairs=6, examples=5, batch_size=2)
+    assert {n: r["accuracy"] for n, r in perfect.items()} == {40: 1.0, 80: 1.0}
+    assert len(perfect[80]["example_accuracy"]) == 5
+    assert recall.recall_by_length(_Blind(), [40], num_pairs=6, examples=3)[40]["accuracy"] == 0.0
+
+    near, far = (recall.recall_by_length(_RecallingModel(259, span=30), [n], num_pairs=12, examples=6)[n]["accuracy"]
+                 for n in (40, 160))
+    assert far < near
+    with pytest.raises(ValueError, match="must be even and hold more than 6 pairs"):
+        recall.recall_by_length(_Blind(), [12], num_pairs=6, examples=1)

@@ -87,6 +87,28 @@ def test_passkey_scores_a_retrieving_model_perfectly_and_a_blind_one_at_chance()
     assert blind["exact_accuracy"] == [[0.0]]
 
 
+def test_passkey_in_real_filler_text_pairs_trials_and_hits_the_asked_length():
+    """With ``filler_text`` the key hides in real text cut from it (not the repeated FILLER); the
+    prompt is the asked length in tokens, and each trial's outcome is kept so that two models'
+    grids pair up trial by trial (the prompts depend only on the seed)."""
+    from runway_jax.data import ByteTokenizer, documents
+    from runway_jax.data.config import DataConfig
+    from runway_jax.evaluation import passkey
+
+    tokenizer = ByteTokenizer()
+    text = " ".join(documents(DataConfig(), "validation"))
+    results = passkey.passkey_grid(_InductionModel(259), tokenizer, [400], [0.0, 1.0], trials=3,
+                                   filler_text=text)
+    assert results["filler"] == "text" and 370 < results["prompt_tokens"][0] < 430
+    assert results["rank_correct"] == [[[1, 1, 1], [1, 1, 1]]] and results["exact_accuracy"] == [[1.0, 1.0]]
+    blind = passkey.passkey_grid(TransformerLMStub(), tokenizer, [400], [0.0, 1.0], trials=3, filler_text=text)
+    assert np.asarray(blind["exact_correct"]).shape == (1, 2, 3) and not np.any(blind["exact_correct"])
+    # The same prompts for both models, cut from the text.
+    from runway_jax.data import synthetic
+    prompt, _ = synthetic.passkey(0, (400 * 10_000 + 0) * 1_000, filler_chars=200, depth=0.0, filler_text=text)
+    assert "The grass is green" not in prompt and prompt.split("is the pass key. ")[1][:40] in text
+
+
 class TransformerLMStub(nnx.Module):
     """Uniform predictions: never reproduces a key."""
 

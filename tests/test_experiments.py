@@ -5,6 +5,7 @@ import json
 import pathlib
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -13,6 +14,7 @@ import configs  # noqa: E402  (experiments/configs.py)
 import report  # noqa: E402  (experiments/report.py)
 import round2  # noqa: E402  (experiments/round2.py)
 import round2_report  # noqa: E402  (experiments/round2_report.py)
+import round2_retrieval  # noqa: E402  (experiments/round2_retrieval.py)
 import study  # noqa: E402  (experiments/study.py)
 
 from runway_jax.model import count_parameters  # noqa: E402
@@ -80,7 +82,7 @@ def test_quick_round2_writes_intervals_window_losses_tables_and_figures(tmp_path
     assert round2.main(["--quick", f"--workdir={tmp_path}"]) == 0
     out = tmp_path / "round2"
     summary = json.loads((out / "results.json").read_text())
-    names = {run.name for runs in round2.parts(quick=True).values() for run in runs}
+    names = {run.name for part, runs in round2.parts(quick=True).items() for run in runs if part != "retrieval"}
     assert {f"{run['group']}/seed{run['seed']}" for run in summary["runs"]} == names
     lengths = [str(n) for n in summary["lengths"]]
     assert set(summary["comparisons"]) == {"rewired - baseline", "rewired - baseline_matched_heads",
@@ -99,8 +101,18 @@ def test_quick_round2_writes_intervals_window_losses_tables_and_figures(tmp_path
         np.testing.assert_allclose(again["low"], result["seeds_and_items"]["low"], rtol=1e-4)
     tables = (out / "tables.md").read_text()
     assert "over seeds and windows" in tables and "rewired_beta_0.5 - rewired" in tables
-    for figure in ("perplexity_intervals", "beta"):
+    for figure in ("perplexity_intervals", "beta", "passkey_heatmaps", "recall_by_length"):
         assert (out / f"{figure}.png").stat().st_size > 5_000
+    # Retrieval: the rewired and baseline runs trained on the mixture, scored on the same prompts.
+    retrieval = summary["retrieval"]
+    assert {run["run"] for run in retrieval["runs"]} == {run.name for run in round2_retrieval.runs(quick=True)}
+    assert all(run["passkey"]["filler"] == "text" for run in retrieval["runs"])
+    comparison = retrieval["comparison"]
+    assert comparison["passkey_rank"]["grid"]["seeds_and_items"]["items"] == 2 * 3 * 2  # lengths x depths x trials
+    assert set(comparison["recall"]) == {"256", "512"}
+    assert "passkey rank, whole grid" in tables and "recall @ 512" in tables
+    assert round2_retrieval.compare(round2_report.runs_by_group_and_seed(retrieval["runs"])) == \
+        json.loads(json.dumps(comparison))  # the published runs give the same intervals again
     capsys.readouterr()
     assert round2.main(["--quick", f"--workdir={tmp_path}", "--parts=precision"]) == 0
     printed = capsys.readouterr().out
@@ -135,7 +147,7 @@ def test_a_signal_during_training_stops_the_study_without_scoring_the_half_train
 def test_round2_flags_fail_in_one_line(capsys):
     with pytest.raises(SystemExit):
         round2.main(["--parts=precision,recall"])
-    assert "--parts='precision,recall': choose from precision, beta" in capsys.readouterr().err
+    assert "--parts='precision,recall': choose from precision, beta, retrieval" in capsys.readouterr().err
 
 
 def test_published_round2_tables_and_intervals_follow_from_the_published_results(tmp_path):
@@ -148,7 +160,7 @@ def test_published_round2_tables_and_intervals_follow_from_the_published_results
     published = ROOT / "docs" / "results" / "round2"
     summary = json.loads((published / "results.json").read_text())
     assert not summary["quick"]
-    expected = {run.name for part in summary["parts"] for run in round2.parts()[part]}
+    expected = {run.name for part in summary["parts"] if part != "retrieval" for run in round2.parts()[part]}
     assert {f"{run['group']}/seed{run['seed']}" for run in summary["runs"]} == expected
     round2_report.write(summary, str(tmp_path))
     strip = lambda text: text.split("-->", 1)[1]  # the header names the generating command
@@ -163,3 +175,30 @@ def test_published_round2_tables_and_intervals_follow_from_the_published_results
             for key in ("difference", "low", "high"):
                 np.testing.assert_allclose(again[key], result["seeds_and_items"][key], rtol=1e-3,
                                            atol=1e-4, err_msg=f"{name} @ {length}: {key}")
+
+
+def test_retrieval_comparison_finds_a_lost_middle_and_a_better_model():
+    """round2_retrieval.compare on made-up outcomes: a baseline that finds the key only at the
+    ends of the prompt has a lost-in-the-middle gap; a rewired model that finds it everywhere
+    has none and is better on the whole grid; recall differences carry their own verdict."""
+    rng = np.random.default_rng(0)
+    depths, lengths, trials = [0.0, 0.25, 0.5, 0.75, 1.0], [512, 1024], 10
+    ends = np.isin(depths, round2_retrieval.END_DEPTHS)
+
+    def run(everywhere, recall_accuracy):
+        outcomes = (rng.random((len(lengths), len(depths), trials)) < np.where(everywhere | ends, 0.9, 0.1)[None, :, None])
+        grid = {"lengths": lengths, "depths": depths, "trials": trials,
+                "rank_correct": outcomes.astype(int).tolist(), "exact_correct": outcomes.astype(int).tolist()}
+        return {"passkey": grid, "training_length": 512,
+                "recall": {"512": {"example_accuracy": (recall_accuracy + 0.01 * rng.standard_normal(32)).tolist()}}}
+
+    evaluated = {"retrieval_rewired": {s: run(True, 0.6) for s in range(3)},
+                 "retrieval_baseline": {s: run(False, 0.6) for s in range(3)}}
+    comparison = round2_retrieval.compare(evaluated)
+    rank = comparison["passkey_rank"]
+    assert rank["grid"]["verdict"] == "better" and rank["grid"]["seeds_and_items"]["items"] == 100
+    assert rank["middle_gap"]["retrieval_baseline"]["verdict"] == "better"  # the middle is worse
+    assert rank["middle_gap"]["retrieval_rewired"]["verdict"] == "not decided"
+    assert rank["middle_gap"]["rewired - baseline"]["verdict"] == "better"  # a smaller gap
+    assert comparison["recall"]["512"]["verdict"] == "not decided"
+    assert "| baseline | rank |" in round2_retrieval.table(comparison)

@@ -41,7 +41,7 @@ def paired_difference(rewired, baseline, *, transform=np.exp, resample="seeds_an
 
     ``rewired``, ``baseline``: ``[S, W]`` per-item means (or ``[W]`` for one seed pair), paired by
     row (seed) and column (item). Returns floats ``difference``, ``low``, ``high``, ``relative``,
-    ``relative_low``, ``relative_high`` and the counts ``seeds``, ``items``, ``resamples``.
+    ``relative_low``, ``relative_high`` (None where a draw of the reference is 0) and the counts ``seeds``, ``items``, ``resamples``.
     """
     rewired, baseline = np.atleast_2d(np.asarray(rewired, np.float64)), np.atleast_2d(
         np.asarray(baseline, np.float64))
@@ -67,10 +67,14 @@ def paired_difference(rewired, baseline, *, transform=np.exp, resample="seeds_an
              statistic(baseline, item_weights, seed_weights))
     tails = 100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2
     low, high = np.percentile(drawn[0] - drawn[1], tails)
-    relative_low, relative_high = np.percentile(drawn[0] / drawn[1] - 1, tails)
+    if np.all(drawn[1] != 0):
+        relative = float(point[0] / point[1] - 1)
+        relative_low, relative_high = (float(v) for v in np.percentile(drawn[0] / drawn[1] - 1, tails))
+    else:  # e.g. an accuracy of 0 for the reference: no relative difference
+        relative = relative_low = relative_high = None
     return {"difference": float(point[0] - point[1]), "low": float(low), "high": float(high),
-            "relative": float(point[0] / point[1] - 1), "relative_low": float(relative_low),
-            "relative_high": float(relative_high), "rewired": float(point[0]),
+            "relative": relative, "relative_low": relative_low,
+            "relative_high": relative_high, "rewired": float(point[0]),
             "baseline": float(point[1]), "seeds": int(seeds), "items": int(items),
             "resamples": int(resamples), "resample": resample}
 

@@ -38,21 +38,25 @@ def _layout(prompt, answer_length, total):
     return tokens, positions, segments, padding + len(prompt)
 
 
-def _chars_per_token(tokenizer):
-    sample = synthetic.FILLER * 20
+def _chars_per_token(tokenizer, text):
+    sample = text[:20_000] if len(text) >= 2_000 else text * (2_000 // max(1, len(text)) + 1)
     return len(sample) / len(tokenizer.encode(sample))
 
 
-def passkey_cell(model, tokenizer, length, depth, *, trials, seed, digits, distractors):
-    """``(exact_accuracy, rank_accuracy, prompt_tokens)`` of one (length, depth) cell."""
+def passkey_cell(model, tokenizer, length, depth, *, trials, seed, digits, distractors,
+                 filler_text=None) -> dict:
+    """One (length, depth) cell: ``exact`` and ``rank`` (one bool per trial) and the mean
+    ``prompt_tokens``. The filler repeats ``synthetic.FILLER``, or is real text cut from
+    ``filler_text`` (e.g. held-out documents) at a place drawn per trial."""
     overhead = len(tokenizer.encode(synthetic.passkey(0, 0, filler_chars=0, depth=0.0, digits=digits)[0]))
-    filler = max(0, int((length - overhead) * _chars_per_token(tokenizer)))
+    filler = max(0, int((length - overhead) * _chars_per_token(tokenizer, filler_text or synthetic.FILLER)))
     rng = np.random.default_rng([seed, length, int(depth * 1000)])
-    exact, ranked, sizes = 0, 0, []
+    exact, ranked, sizes = [], [], []
     for trial in range(trials):
         # A different, reproducible key for every trial of every cell.
         index = (length * 10_000 + int(depth * 1000)) * 1_000 + trial
-        prompt_text, key = synthetic.passkey(seed, index, filler_chars=filler, depth=depth, digits=digits)
+        prompt_text, key = synthetic.passkey(seed, index, filler_chars=filler, depth=depth, digits=digits,
+                                             filler_text=filler_text)
         prompt = tokenizer.encode(prompt_text)
         sizes.append(len(prompt))
         # Distractors drawn like keys (no leading zero), so that only retrieval can rank the key first.
@@ -70,36 +74,40 @@ def passkey_cell(model, tokenizer, length, depth, *, trials, seed, digits, distr
         start = rows[0][3]
         scores = [sum(log_probs[row, start - 1 + i, token] for i, token in enumerate(answer))
                   for row, answer in enumerate(encoded)]
-        ranked += int(np.argmax(scores) == 0)
+        ranked.append(bool(np.argmax(scores) == 0))
         # Exact: greedy decoding, one slot at a time, in the same fixed shape.
         greedy, positions, segments, start = _layout(prompt, len(encoded[0]), len(prompt) + len(encoded[0]))
         for slot in range(len(encoded[0])):
             step = np.asarray(_log_probs(model, jnp.asarray(greedy[None]), jnp.asarray(positions[None]),
                                          jnp.asarray(segments[None])))
             greedy[start + slot] = int(np.argmax(step[0, start + slot - 1]))
-        exact += int(tokenizer.decode(greedy[start:]) == key)
-    return exact / trials, ranked / trials, int(np.mean(sizes))
+        exact.append(tokenizer.decode(greedy[start:]) == key)
+    return {"exact": exact, "rank": ranked, "prompt_tokens": int(np.mean(sizes))}
 
 
 def passkey_grid(model, tokenizer, lengths, depths, *, trials=4, seed=0, digits=5, distractors=9,
-                 progress=None) -> dict:
-    """Accuracy over ``lengths`` (prompt tokens) x ``depths`` (0 = start, 1 = end)."""
-    exact = np.zeros((len(lengths), len(depths)))
+                 filler_text=None, progress=None) -> dict:
+    """Accuracy over ``lengths`` (prompt tokens) x ``depths`` (0 = start, 1 = end), and each
+    trial's outcome (``exact_correct``/``rank_correct`` ``[length][depth][trial]``; the prompts
+    depend only on ``seed``, so two models' trials pair up for a paired comparison)."""
+    exact = np.zeros((len(lengths), len(depths), trials), bool)
     ranked = np.zeros_like(exact)
     sizes = np.zeros(len(lengths), int)
     cells = len(lengths) * len(depths)
     for i, length in enumerate(lengths):
         for j, depth in enumerate(depths):
-            exact[i, j], ranked[i, j], sizes[i] = passkey_cell(
-                model, tokenizer, length, depth, trials=trials, seed=seed, digits=digits,
-                distractors=distractors)
+            cell = passkey_cell(model, tokenizer, length, depth, trials=trials, seed=seed, digits=digits,
+                                distractors=distractors, filler_text=filler_text)
+            exact[i, j], ranked[i, j], sizes[i] = cell["exact"], cell["rank"], cell["prompt_tokens"]
             if progress:
                 progress(f"[{i * len(depths) + j + 1}/{cells}] length {length} depth {depth:.2f}: "
-                         f"exact {exact[i, j]:.2f}, rank {ranked[i, j]:.2f}")
+                         f"exact {exact[i, j].mean():.2f}, rank {ranked[i, j].mean():.2f}")
     return {"lengths": [int(n) for n in lengths], "prompt_tokens": sizes.tolist(),
-            "depths": [float(d) for d in depths], "exact_accuracy": exact.tolist(),
-            "rank_accuracy": ranked.tolist(), "trials": trials, "digits": digits, "distractors": distractors,
-            "chance_rank_accuracy": 1.0 / (distractors + 1)}
+            "depths": [float(d) for d in depths], "exact_accuracy": exact.mean(-1).tolist(),
+            "rank_accuracy": ranked.mean(-1).tolist(), "exact_correct": exact.astype(int).tolist(),
+            "rank_correct": ranked.astype(int).tolist(), "trials": trials, "digits": digits,
+            "distractors": distractors, "chance_rank_accuracy": 1.0 / (distractors + 1),
+            "filler": "text" if filler_text else "synthetic"}
 
 
 def plot(named_results: dict, path: str) -> None:

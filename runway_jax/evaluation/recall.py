@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from runway_jax.data import make_dataset
+from runway_jax.data import make_dataset, synthetic
 from runway_jax.evaluation import plots
 from runway_jax.training.config import TrainConfig
 
@@ -56,6 +56,36 @@ def recall_accuracy(model, config: TrainConfig, tokenizer, *, batches: int) -> d
         examples += correct.shape[0]
     return {"accuracy": correct_answers / answers, "sequence_accuracy": perfect / examples,
             "answers": answers, "examples": examples}
+
+
+def recall_by_length(model, lengths, *, num_pairs: int, examples: int, seed: int = 1_000_001,
+                     batch_size: int = 8) -> dict:
+    """Recall at each sequence length in ``lengths`` (even, in tokens): ``num_pairs`` pairs, then
+    queries up to the length, so that a longer sequence asks for the same pairs from farther
+    away and at positions past those trained (the model saw rows of one length). Returns
+    ``{length: {"accuracy", "example_accuracy": one per example}}``; the examples depend only on
+    ``seed`` (kept apart from training's), so two models' examples pair up."""
+    out = {}
+    for length in lengths:
+        if length % 2 or length // 2 <= num_pairs:
+            raise ValueError(f"recall length {length} must be even and hold more than {num_pairs} pairs; "
+                             "choose even lengths > 2 * num_pairs.")
+        rows = [synthetic.associative_recall(seed, index, num_pairs=num_pairs,
+                                             num_queries=length // 2 - num_pairs) for index in range(examples)]
+        per_example = []
+        for start in range(0, examples, batch_size):
+            chunk = rows[start:start + batch_size]
+            tokens = np.stack([row["tokens"] for row in chunk])
+            batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                     "positions": np.broadcast_to(np.arange(length - 1, dtype=np.int32), tokens[:, 1:].shape),
+                     "segment_ids": np.ones_like(tokens[:, 1:]),
+                     "loss_mask": np.stack([row["loss_mask"][:-1] for row in chunk]).astype(np.float32)}
+            correct, scored = jax.device_get(_correct(model, {k: jnp.asarray(v) for k, v in batch.items()}))
+            scored = np.asarray(scored) > 0
+            per_example += ((correct & scored).sum(1) / scored.sum(1)).tolist()
+        out[int(length)] = {"accuracy": float(np.mean(per_example)), "example_accuracy": per_example,
+                            "num_pairs": num_pairs}
+    return out
 
 
 def summarize(accuracies: list[float]) -> dict:
