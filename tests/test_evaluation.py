@@ -116,15 +116,22 @@ class TransformerLMStub(nnx.Module):
         return jnp.zeros(tokens.shape + (259,))
 
 
-def test_left_padding_in_its_own_segment_does_not_change_the_prompt_logits(trained):
-    from runway_jax.evaluation.passkey import _layout
+def test_passkey_scores_from_one_cached_prefill_equal_full_forward_passes(trained):
+    """The cached scorer (one prefill, then decoding; prompts right-padded to a bucket) gives the
+    candidates' log-likelihoods and the greedy answer of full forward passes over each sequence."""
+    from runway_jax.evaluation import passkey
 
-    model, _, tokenizer, _ = load_trained(str(trained["rewired"]))
-    prompt = tokenizer.encode("line 2 of document 3. line 2 of")
-    tokens, positions, segments, end = _layout(prompt, 0, len(prompt) + 9)
-    padded = model(jnp.asarray(tokens[None]), positions=jnp.asarray(positions[None]),
-                   segment_ids=jnp.asarray(segments[None]))
-    np.testing.assert_allclose(padded[0, 9:end], model(jnp.asarray(prompt[None]))[0], atol=2e-5)
+    for name in ("rewired", "baseline"):
+        model, _, tokenizer, _ = load_trained(str(trained[name]))
+        prompt = tokenizer.encode("line 2 of document 3. line 2 of document 3. The pass key is ")
+        candidates = [tokenizer.encode(text) for text in ("12345", "line 2", "9")]
+        greedy, scores = passkey.score_answers(model, prompt, candidates)
+        expected_greedy, expected = passkey._score_by_forward_passes(model, prompt, candidates, 6)
+        np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(greedy, expected_greedy)
+        full = model(jnp.asarray(np.concatenate([prompt, candidates[1]])[None]))
+        direct = jax.nn.log_softmax(full[0], -1)[np.arange(len(prompt) - 1, len(prompt) + 5), candidates[1]]
+        np.testing.assert_allclose(scores[1], float(direct.sum()), rtol=1e-5, atol=1e-4)
 
 
 def test_passkey_script_writes_json_and_heatmap(trained):

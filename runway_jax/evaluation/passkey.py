@@ -6,36 +6,97 @@ filler text and asks for it at the end. Two scores per cell:
 * exact: greedy decoding of as many tokens as the key has reproduces the key exactly;
 * rank: the true key's log-likelihood beats ``distractors`` other random keys (rank 0).
 
-Prompts of one length are left-padded to a common size in a padding segment of their own (and
-positions restart at the prompt), so one compiled shape serves a whole row of the grid and the
-padding cannot change the result (METHOD (5)).
+Each prompt is read once, in one parallel prefill of the decoding cache (``runway_jax.decoding``,
+exact to the full forward pass); the greedy answer and all candidates' likelihoods are decoded
+from that cache, so a trial costs one prompt pass however many candidates there are. Prompts are
+right-padded to a multiple of ``PROMPT_BUCKET`` tokens, which no real position sees.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from runway_jax import decoding
 from runway_jax.data import synthetic
 from runway_jax.evaluation import plots
 
 
+PROMPT_BUCKET = 64  # prompts are right-padded to a multiple of this: few compiled shapes
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _score(graphdef, state, prompt, prompt_length, candidates, candidate_lengths):
+    """One parallel prefill of the prompt (right-padded, ``prompt_length`` real tokens), then from
+    its cache: the greedy continuation of ``A`` tokens, and each candidate's summed log-probability
+    of its first ``candidate_lengths[c]`` tokens (``candidates`` ``[C, A]``) after the prompt."""
+    model = nnx.merge(graphdef, state)
+    answer_length = candidates.shape[1]
+    cache = decoding.init_cache(model, 1, prompt.shape[0] + answer_length)
+    logits, cache = decoding.prefill(model, cache, prompt[None], prompt_length[None])
+    greedy, step_logits, step_cache = [], logits, cache
+    for _ in range(answer_length):
+        token = jnp.argmax(step_logits, axis=-1)
+        greedy.append(token[0])
+        step_logits, step_cache = decoding.decode_step(model, step_cache, token)
+    count = candidates.shape[0]
+    cache = jax.tree.map(lambda leaf: jnp.repeat(leaf, count, axis=0), cache)
+    log_probs = jax.nn.log_softmax(jnp.repeat(logits, count, axis=0), axis=-1)
+    total = jnp.zeros((count,), jnp.float32)
+    for slot in range(answer_length):
+        token = candidates[:, slot]
+        scored = jnp.take_along_axis(log_probs, token[:, None], axis=1)[:, 0]
+        total += jnp.where(slot < candidate_lengths, scored, 0.0)
+        if slot + 1 < answer_length:
+            step_logits, cache = decoding.decode_step(model, cache, token)
+            log_probs = jax.nn.log_softmax(step_logits, axis=-1)
+    return jnp.stack(greedy), total
+
+
 @nnx.jit
-def _log_probs(model, tokens, positions, segments):
-    logits = model(tokens, positions=positions, segment_ids=segments)
-    return jax.nn.log_softmax(logits, axis=-1)
+def _log_probs(model, tokens):
+    return jax.nn.log_softmax(model(tokens), axis=-1)
 
 
-def _layout(prompt, answer_length, total):
-    """Left-padded tokens/positions/segments of ``prompt`` followed by ``answer_length`` slots."""
-    padding = total - len(prompt) - answer_length
-    tokens = np.zeros(total, np.int32)
-    tokens[padding:padding + len(prompt)] = prompt
-    segments = np.r_[np.zeros(padding, np.int32), np.ones(total - padding, np.int32)]
-    positions = np.r_[np.arange(padding), np.arange(total - padding)].astype(np.int32)
-    return tokens, positions, segments, padding + len(prompt)
+def _score_by_forward_passes(model, prompt, candidates, answer_length):
+    """``_score`` for a model without a decoding cache: one forward pass of every candidate after
+    the prompt, and one per greedy token (right padding: causal, so it changes nothing)."""
+    rows = np.zeros((len(candidates), len(prompt) + answer_length), np.int32)
+    rows[:, :len(prompt)] = prompt
+    for row, candidate in enumerate(candidates):
+        rows[row, len(prompt):len(prompt) + len(candidate)] = candidate
+    log_probs = np.asarray(_log_probs(model, jnp.asarray(rows)))
+    scores = np.array([sum(log_probs[row, len(prompt) - 1 + i, token] for i, token in enumerate(candidate))
+                       for row, candidate in enumerate(candidates)])
+    greedy = rows[:1].copy()
+    for slot in range(answer_length):
+        step = np.asarray(_log_probs(model, jnp.asarray(greedy)))
+        greedy[0, len(prompt) + slot] = int(np.argmax(step[0, len(prompt) + slot - 1]))
+    return greedy[0, len(prompt):], scores
+
+
+def score_answers(model, prompt, candidates):
+    """``(greedy, scores)``: the model's greedy continuation of ``prompt`` (token ids) for as many
+    tokens as the longest candidate, and each candidate's log-probability after the prompt. A
+    model with ``init_cache`` (``TransformerLM``) reads the prompt once; any other model called
+    as ``model(tokens)`` is scored by full forward passes."""
+    answer_length = max(len(c) for c in candidates)
+    if not hasattr(model, "init_cache"):
+        return _score_by_forward_passes(model, prompt, candidates, answer_length)
+    padded = -(-len(prompt) // PROMPT_BUCKET) * PROMPT_BUCKET
+    tokens = np.zeros(padded, np.int32)
+    tokens[:len(prompt)] = prompt
+    table = np.zeros((len(candidates), answer_length), np.int32)
+    for row, candidate in enumerate(candidates):
+        table[row, :len(candidate)] = candidate
+    graphdef, state = nnx.split(model)
+    greedy, scores = _score(graphdef, state, jnp.asarray(tokens), jnp.int32(len(prompt)),
+                            jnp.asarray(table), jnp.asarray([len(c) for c in candidates], jnp.int32))
+    return np.asarray(greedy), np.asarray(scores)
 
 
 def _chars_per_token(tokenizer, text):
@@ -62,26 +123,9 @@ def passkey_cell(model, tokenizer, length, depth, *, trials, seed, digits, distr
         # Distractors drawn like keys (no leading zero), so that only retrieval can rank the key first.
         candidates = [key] + [str(rng.integers(10 ** (digits - 1), 10 ** digits)) for _ in range(distractors)]
         encoded = [tokenizer.encode(c) for c in candidates]
-        answer_length = max(len(e) for e in encoded)
-        total = len(prompt) + answer_length
-        # Rank: the summed log-probability of each candidate's tokens after the prompt.
-        rows = [_layout(prompt, answer_length, total) for _ in candidates]
-        tokens = np.stack([r[0] for r in rows])
-        for row, answer in enumerate(encoded):
-            tokens[row, rows[row][3]:rows[row][3] + len(answer)] = answer
-        log_probs = np.asarray(_log_probs(model, jnp.asarray(tokens), jnp.asarray(np.stack([r[1] for r in rows])),
-                                          jnp.asarray(np.stack([r[2] for r in rows]))))
-        start = rows[0][3]
-        scores = [sum(log_probs[row, start - 1 + i, token] for i, token in enumerate(answer))
-                  for row, answer in enumerate(encoded)]
+        greedy, scores = score_answers(model, prompt, encoded)
         ranked.append(bool(np.argmax(scores) == 0))
-        # Exact: greedy decoding, one slot at a time, in the same fixed shape.
-        greedy, positions, segments, start = _layout(prompt, len(encoded[0]), len(prompt) + len(encoded[0]))
-        for slot in range(len(encoded[0])):
-            step = np.asarray(_log_probs(model, jnp.asarray(greedy[None]), jnp.asarray(positions[None]),
-                                         jnp.asarray(segments[None])))
-            greedy[start + slot] = int(np.argmax(step[0, start + slot - 1]))
-        exact.append(tokenizer.decode(greedy[start:]) == key)
+        exact.append(tokenizer.decode(greedy[:len(encoded[0])].tolist()) == key)
     return {"exact": exact, "rank": ranked, "prompt_tokens": int(np.mean(sizes))}
 
 
