@@ -143,7 +143,8 @@ def compare(evaluated: dict) -> dict:
         zero = np.zeros_like(gap[CANDIDATE])
         result["middle_gap"] = {g: _interval(gap[g], zero) for g in GROUPS}
         # A smaller gap is better.
-        result["middle_gap"]["rewired - baseline"] = _interval(gap[CANDIDATE], gap[REFERENCE], lower_is_better=True)
+        result["middle_gap"]["rewired - baseline"] = _interval(gap[CANDIDATE], gap[REFERENCE],
+                                                               lower_is_better=True)
         out[f"passkey_{measure}"] = result
     out["recall"] = {}
     for length in pair[CANDIDATE][0]["recall"]:
@@ -205,15 +206,17 @@ def table(comparison: dict) -> str:
         result = comparison[f"passkey_{measure}"]
         lines.append(row(f"passkey {measure}, whole grid", result["grid"]))
         lines += [row(f"passkey {measure} @ {n}", r) for n, r in result["by_length"].items()]
-        lines.append(row(f"passkey {measure}: (ends - middle) gap, smaller is better", result["middle_gap"]["rewired - baseline"]))
+        lines.append(row(f"passkey {measure}: (ends - middle) gap, smaller is better",
+                         result["middle_gap"]["rewired - baseline"]))
     lines += [row(f"recall @ {n}", r) for n, r in comparison["recall"].items()]
     gaps = ["", "Each model's lost-in-the-middle gap (accuracy at depths 0 and 1 minus depths 0.25-0.75; "
             "above 0: the middle is worse):", "",
-            "| model | measure | gap | over seeds and items | verdict (gap > 0) |", "|---|---|---|---|---|"]
+            "| model | measure | gap | over seeds and items | verdict |", "|---|---|---|---|---|"]
+    meaning = {"better": "gap (middle worse)", "worse": "middle better", "not decided": "not decided"}
     for measure in ("rank", "exact"):
         for group in GROUPS:
-            both = comparison[f"passkey_{measure}"]["middle_gap"][group]
-            gaps.append(f"| {group.removeprefix('retrieval_')} | {measure} | {both['seeds_and_items']['difference']:+.3f} "
-                        f"| [{both['seeds_and_items']['low']:+.3f}, {both['seeds_and_items']['high']:+.3f}] "
-                        f"| {'gap' if both['verdict'] == 'better' else 'middle better' if both['verdict'] == 'worse' else 'not decided'} |")
+            result = comparison[f"passkey_{measure}"]["middle_gap"][group]
+            both = result["seeds_and_items"]
+            gaps.append(f"| {group.removeprefix('retrieval_')} | {measure} | {both['difference']:+.3f} "
+                        f"| [{both['low']:+.3f}, {both['high']:+.3f}] | {meaning[result['verdict']]} |")
     return "\n".join(lines + gaps)

@@ -41,7 +41,8 @@ def paired_difference(rewired, baseline, *, transform=np.exp, resample="seeds_an
 
     ``rewired``, ``baseline``: ``[S, W]`` per-item means (or ``[W]`` for one seed pair), paired by
     row (seed) and column (item). Returns floats ``difference``, ``low``, ``high``, ``relative``,
-    ``relative_low``, ``relative_high`` (None where a draw of the reference is 0) and the counts ``seeds``, ``items``, ``resamples``.
+    ``relative_low``, ``relative_high`` (None where a draw of the reference is 0) and the counts
+    ``seeds``, ``items``, ``resamples``.
     """
     rewired, baseline = np.atleast_2d(np.asarray(rewired, np.float64)), np.atleast_2d(
         np.asarray(baseline, np.float64))
