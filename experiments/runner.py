@@ -10,6 +10,7 @@ the next run started) and says how to continue.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Callable
 
@@ -21,8 +22,6 @@ import configs  # experiments/configs.py (the caller put experiments/ on sys.pat
 from runway_jax.model import count_parameters
 from runway_jax.training import train_and_evaluate
 
-EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal number, as shells report it
-
 
 class Stopped(Exception):
     """Training was interrupted by a signal; the run saved its step and resumes on the next call."""
@@ -30,7 +29,7 @@ class Stopped(Exception):
     def __init__(self, run_name: str, signal_name: str, step: int):
         super().__init__(f"{run_name}: stopped by {signal_name} at step {step} (saved); "
                          "run the same command again to continue")
-        self.exit_code = EXIT_CODES.get(signal_name, 1)
+        self.exit_code = 128 + signal.Signals[signal_name]  # as shells report it (SIGTERM: 143)
 
 
 def run_dir(workdir: str, run: configs.Run) -> str:
